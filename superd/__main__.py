@@ -1,0 +1,5 @@
+"""Allow `python -m superd`."""
+
+from superd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,74 @@
+"""Running handlers: what superd remembers about each, and the pipe that carries its stderr."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from superd.loop import READ, Loop, Timer
+
+if TYPE_CHECKING:
+    from superd.listeners import Listener
+    from superd.log import Log
+    from superd.service import ServiceRuntime
+
+MAX_LINE = 4096
+
+
+@dataclass(eq=False)
+class Child:
+    pid: int
+    service: ServiceRuntime
+    peer: str  # the peer as logged: an IP, "uid:N" for unix, "" when unknown
+    status_fd: int
+    started: float = field(default_factory=time.monotonic)
+    listener: Listener | None = None  # set for wait handlers: the socket they hold
+    timers: list[Timer] = field(default_factory=list)
+    timed_out: bool = False
+
+    def cancel_timers(self) -> None:
+        for t in self.timers:
+            t.cancel()
+        self.timers.clear()
+
+
+class StderrLines:
+    """Forward a handler's stderr to the log, one record per line (SPEC §2 `stderr: log`).
+
+    Read until EOF, not until the child exits: a grandchild may still be writing.
+    """
+
+    def __init__(self, loop: Loop, log: Log, fd: int, service: str, pid: int):
+        self.loop, self.log, self.fd = loop, log, fd
+        self.prefix = f"{service}[{pid}]: "
+        self.partial = b""
+        os.set_blocking(fd, False)
+        loop.add(fd, READ, self.ready)
+
+    def ready(self, mask: int) -> None:
+        try:
+            data = os.read(self.fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            if self.partial:
+                self._emit(self.partial)
+            self.loop.remove(self.fd)
+            os.close(self.fd)
+            return
+        lines = (self.partial + data).split(b"\n")
+        self.partial = lines.pop()
+        if len(self.partial) > MAX_LINE:
+            lines.append(self.partial)
+            self.partial = b""
+        for line in lines:
+            self._emit(line)
+
+    def _emit(self, line: bytes) -> None:
+        text = line.rstrip(b"\r").decode("utf-8", "replace")
+        if text:
+            self.log.info(self.prefix + text)

@@ -1,0 +1,125 @@
+"""The control socket: `superd status`, `reload` and `stop` talk to the running daemon here.
+
+A unix stream socket, mode 0600, at settings.control_socket. One request line per connection
+(`status`, `reload`, `stop`), one JSON answer. The peer's uid is checked with SO_PEERCRED as
+well as by the file mode, so a socket path that someone loosened still refuses strangers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+from typing import TYPE_CHECKING, Any
+
+from superd.loop import READ
+
+if TYPE_CHECKING:
+    from superd.server import Server
+
+MAX_REQUEST = 256
+
+
+class ControlSocket:
+    def __init__(self, server: Server, path: str):
+        self.server, self.path = server, path
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        try:
+            if not os.path.exists(path) or _is_stale(path):
+                _unlink(path)
+        except OSError:
+            pass
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            self.sock.bind(path)
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        self.inode = os.stat(path).st_ino
+        self.sock.listen(16)
+        self.sock.setblocking(False)
+        server.loop.add(self.sock, READ, self.accept)
+
+    def accept(self, mask: int) -> None:
+        try:
+            conn, _ = self.sock.accept()
+        except OSError:
+            return
+        conn.setblocking(False)
+        self.server.loop.add(conn, READ, lambda m: self.request(conn))
+
+    def request(self, conn: socket.socket) -> None:
+        self.server.loop.remove(conn)
+        try:
+            _, uid, _ = struct.unpack("3i", conn.getsockopt(
+                socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+            if uid not in (0, os.geteuid()):
+                answer: dict[str, Any] = {"error": "permission denied"}
+            else:
+                command = conn.recv(MAX_REQUEST).decode("ascii", "replace").strip()
+                answer = self.answer(command)
+            conn.setblocking(True)
+            conn.settimeout(1.0)
+            conn.sendall(json.dumps(answer).encode() + b"\n")
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def answer(self, command: str) -> dict[str, Any]:
+        if command == "status":
+            return self.server.status()
+        if command == "reload":
+            self.server.reload()
+            return {"ok": True}
+        if command == "stop":
+            self.server.loop.call_later(0, self.server.stop)
+            return {"ok": True}
+        return {"error": f"unknown command {command!r}"}
+
+    def close(self) -> None:
+        self.server.loop.remove(self.sock)
+        self.sock.close()
+        try:
+            if os.stat(self.path).st_ino == self.inode:
+                os.unlink(self.path)
+        except OSError:
+            pass
+
+
+def _is_stale(path: str) -> bool:
+    """A socket file nobody answers on is left from a crash; one that answers is a live daemon."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    raise OSError(f"another superd is answering on {path}")
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def request(path: str, command: str, timeout: float = 10.0) -> dict[str, Any]:
+    """Client side: send one command, return the daemon's JSON answer."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+        sock.sendall(command.encode() + b"\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    finally:
+        sock.close()
+    return json.loads(data)

@@ -1,0 +1,306 @@
+"""One parser per service key: raw YAML value in, `Service` field values out.
+
+Each parser raises ValueError with a sentence a user can act on; config.py adds the file, line
+and field path. `whole_service()` then checks what no single key can (one handler kind, an
+executable program, datagram rules). Lookups that can fail at run time (users, programs,
+python handlers) are done here, once, so a mistake shows up in `superd check`, not at 3 a.m.
+"""
+
+from __future__ import annotations
+
+import grp
+import importlib
+import importlib.util
+import ipaddress
+import os
+import pwd
+import re
+import resource
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from superd.listeners import PROTOCOLS, parse_address
+from superd.yamlsrc import check_owner
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+INTERNAL = ("echo", "discard", "chargen", "daytime", "time")
+RLIMITS = {
+    "nofile": resource.RLIMIT_NOFILE, "nproc": resource.RLIMIT_NPROC, "as": resource.RLIMIT_AS,
+    "cpu": resource.RLIMIT_CPU, "core": resource.RLIMIT_CORE, "fsize": resource.RLIMIT_FSIZE,
+}
+SUCCESS_FIELDS = ("pid", "host", "exit", "duration", "traffic")
+FAILURE_FIELDS = ("host", "attempt")
+
+
+@dataclass
+class Context:
+    """What a parser may need besides the value."""
+
+    name: str
+    table_dir: str
+    protocol: str = "tcp"
+
+
+class FieldError(ValueError):
+    """A problem with the service as a whole, blamed on one of its keys."""
+
+    def __init__(self, keys: str | tuple[str, ...], message: str):
+        super().__init__(message)
+        self.keys = (keys,) if isinstance(keys, str) else keys
+
+
+def _choice(options: tuple[str, ...], value: Any) -> str:
+    if value not in options:
+        raise ValueError(f"expected one of {', '.join(options)}, not {value!r}")
+    return value
+
+
+def boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, not {value!r}")
+    return value
+
+
+def integer(value: Any, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"expected a whole number, not {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{value} is out of range ({low} to {high})")
+    return value
+
+
+def count(value: Any) -> int:
+    return integer(value, 1, 1_000_000)
+
+
+def count_or_unlimited(value: Any) -> int | None:
+    return None if value == "unlimited" else count(value)
+
+
+def seconds(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1e9:
+        raise ValueError(f"expected a number of seconds greater than 0, not {value!r}")
+    return float(value)
+
+
+def abs_path(value: Any) -> str:
+    if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
+        raise ValueError(f"expected an absolute path, not {value!r}")
+    return value
+
+
+def _strings(value: Any, what: str) -> list[str]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(i, str) and i for i in items):
+        raise ValueError(f"expected a list of {what}")
+    return items
+
+
+def listen(value: Any, ctx: Context) -> dict[str, Any]:
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise ValueError("expected at least one address")
+    out = []
+    for i, item in enumerate(items):
+        try:
+            out.append(parse_address(item, ctx.protocol))
+        except ValueError as e:
+            raise ValueError(f"{e}" if len(items) == 1 else f"entry {i + 1}: {e}") from None
+    return {"listen": tuple(out)}
+
+
+def exec_argv(value: Any, ctx: Context) -> dict[str, Any]:
+    if not isinstance(value, list) or not value:
+        raise ValueError("expected an argv list, e.g. [/usr/bin/cat]")
+    if not all(isinstance(a, str | int | float) and not isinstance(a, bool) for a in value):
+        raise ValueError("every argument must be a string")
+    return {"argv": tuple(str(a) for a in value)}
+
+
+def python_handler(value: Any, ctx: Context) -> dict[str, Any]:
+    """Import `module:function` or `FILE.py:function` now, so a typo fails the load."""
+    if not isinstance(value, str) or value.count(":") != 1 or value.endswith(":"):
+        raise ValueError("expected module:function or FILE.py:function")
+    target, func = value.split(":")
+    try:
+        if target.endswith(".py"):
+            path = os.path.join(ctx.table_dir, target)
+            unsafe = os.path.exists(path) and check_owner(path)
+            if unsafe:
+                raise ValueError(f"{path}: {unsafe}")
+            spec = importlib.util.spec_from_file_location(f"superd_handler_{ctx.name}", path)
+            if spec is None or spec.loader is None or not os.path.isfile(path):
+                raise ValueError(f"{path}: no such file")
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            if ctx.table_dir not in sys.path:
+                sys.path.append(ctx.table_dir)
+            module = importlib.import_module(target)
+    except ValueError:
+        raise
+    except Exception as e:  # any error of the handler's module is the table's problem
+        raise ValueError(f"cannot import {target}: {type(e).__name__}: {e}") from None
+    function = getattr(module, func, None)
+    if not callable(function):
+        raise ValueError(f"{target} has no function {func!r}")
+    return {"python": value, "function": function}
+
+
+def user(value: Any, ctx: Context) -> dict[str, Any]:
+    try:
+        entry = pwd.getpwuid(value) if isinstance(value, int) else pwd.getpwnam(str(value))
+    except (KeyError, OverflowError):
+        raise ValueError(f"no such user {value!r}") from None
+    return {"user": entry.pw_name, "uid": entry.pw_uid, "gid": entry.pw_gid,
+            "groups": tuple(os.getgrouplist(entry.pw_name, entry.pw_gid))}
+
+
+def group(value: Any, ctx: Context) -> dict[str, Any]:
+    try:
+        entry = grp.getgrgid(value) if isinstance(value, int) else grp.getgrnam(str(value))
+    except (KeyError, OverflowError):
+        raise ValueError(f"no such group {value!r}") from None
+    return {"group_gid": entry.gr_gid}
+
+
+def umask(value: Any, ctx: Context) -> dict[str, Any]:
+    """`022` in YAML is already octal; a quoted "022" is read as octal too."""
+    if isinstance(value, str) and re.fullmatch(r"0?[0-7]{1,3}", value):
+        value = int(value, 8)
+    return {"umask": integer(value, 0, 0o777)}
+
+
+def cwd(value: Any, ctx: Context) -> dict[str, Any]:
+    path = abs_path(value)
+    if not os.path.isdir(path):
+        raise ValueError(f"{path}: no such directory")
+    return {"cwd": path}
+
+
+def env(value: Any, ctx: Context) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValueError("expected a mapping of NAME: value")
+    out = []
+    for k, v in value.items():
+        if not ENV_NAME.fullmatch(k) or isinstance(v, dict | list) or v is None:
+            raise ValueError(f"{k}: expected NAME: value with a plain value")
+        out.append((k, str(v).lower() if isinstance(v, bool) else str(v)))
+    return {"env": tuple(out)}
+
+
+def passenv(value: Any, ctx: Context) -> dict[str, Any]:
+    names = _strings(value, "variable names")
+    for n in names:
+        if not ENV_NAME.fullmatch(n):
+            raise ValueError(f"{n!r} is not a variable name")
+    return {"passenv": tuple(names)}
+
+
+def rlimits(value: Any, ctx: Context) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a mapping of {', '.join(RLIMITS)}")
+    out = []
+    for k, v in value.items():
+        if k not in RLIMITS:
+            raise ValueError(f"unknown limit {k!r} (expected {', '.join(RLIMITS)})")
+        out.append((k, resource.RLIM_INFINITY if v == "unlimited" else integer(v, 0, 2**62)))
+    return {"rlimits": tuple(out)}
+
+
+def rate(value: Any, ctx: Context) -> dict[str, Any]:
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(s|sec|min)\s*", str(value))
+    if not m or not 0 < int(m.group(1)) <= 1_000_000:
+        raise ValueError(f"expected N/s or N/min, not {value!r}")
+    return {"rate": (int(m.group(1)), 1.0 if m.group(2) != "min" else 60.0)}
+
+
+def networks(key: str) -> Callable[[Any, Context], dict[str, Any]]:
+    def parse(value: Any, ctx: Context) -> dict[str, Any]:
+        out = []
+        for item in _strings(value, "addresses or CIDRs"):
+            try:
+                out.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or CIDR") from None
+        return {key: tuple(out)}
+    return parse
+
+
+def fields_subset(key: str, allowed: tuple[str, ...]) -> Callable[[Any, Context], dict[str, Any]]:
+    def parse(value: Any, ctx: Context) -> dict[str, Any]:
+        items = [] if value == [] else _strings(value, ", ".join(allowed))
+        for item in items:
+            _choice(allowed, item)
+        return {key: frozenset(items)}
+    return parse
+
+
+def simple(key: str, parse: Callable[[Any], Any]) -> Callable[[Any, Context], dict[str, Any]]:
+    return lambda value, ctx: {key: parse(value)}
+
+
+SERVICE_KEYS: dict[str, Callable[[Any, Context], dict[str, Any]]] = {
+    "listen": listen,
+    "protocol": simple("protocol", lambda v: _choice(tuple(PROTOCOLS), v)),
+    "wait": simple("wait", boolean),
+    "exec": exec_argv,
+    "program": simple("program", abs_path),
+    "internal": simple("internal", lambda v: _choice(INTERNAL, v)),
+    "python": python_handler,
+    "user": user,
+    "group": group,
+    "umask": umask,
+    "nice": simple("nice", lambda v: integer(v, -20, 19)),
+    "cwd": cwd,
+    "env": env,
+    "passenv": passenv,
+    "rlimits": rlimits,
+    "instances": simple("instances", count_or_unlimited),
+    "on_limit": simple("on_limit", lambda v: _choice(("queue", "refuse"), v)),
+    "per_source": simple("per_source", count_or_unlimited),
+    "rate": rate,
+    "only_from": networks("only_from"),
+    "no_access": networks("no_access"),
+    "timeout": simple("timeout", seconds),
+    "backlog": simple("backlog", lambda v: integer(v, 1, 65535)),
+    "stderr": simple("stderr", lambda v: _choice(("log", "socket", "null"), v)),
+    "disabled": simple("disabled", boolean),
+    "log_on_success": fields_subset("log_on_success", SUCCESS_FIELDS),
+    "log_on_failure": fields_subset("log_on_failure", FAILURE_FIELDS),
+}
+
+
+def whole_service(values: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    """Checks across keys; returns adjusted values. Raises FieldError naming the key to blame."""
+    out = dict(values)
+    kinds = [k for k in ("argv", "internal", "python") if out.get(k)]
+    if len(kinds) != 1:
+        named = {"argv": "exec"}.get(kinds[1], kinds[1]) if len(kinds) > 1 else "exec"
+        raise FieldError(named, "give exactly one of exec, internal or python")
+    gid = out.pop("group_gid", None)
+    if gid is not None:
+        out["gid"] = gid
+        out.setdefault("groups", (gid,))
+    protocol = out.get("protocol", "tcp")
+    if out.get("internal"):
+        out["wait"] = False  # accepted and ignored (SPEC §2)
+        for key in ("user", "uid", "gid", "groups"):
+            out.pop(key, None)
+    elif protocol in ("udp", "unix-dgram") and not out.get("wait"):
+        raise FieldError(("wait", "protocol"), f"protocol {protocol} with wait: false is only "
+                                               "for internal services; use wait: true")
+    if out.get("argv"):
+        program = out.get("program") or out["argv"][0]
+        if not program.startswith("/"):
+            raise FieldError("exec", f"{program!r} is not an absolute path (or give program)")
+        if not os.path.isfile(program) or not os.access(program, os.X_OK):
+            raise FieldError("program" if out.get("program") else "exec",
+                             f"{program}: no such executable file")
+        out["program"] = program
+    elif out.get("program"):
+        raise FieldError("program", "program goes with exec")
+    return out

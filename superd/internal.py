@@ -1,0 +1,177 @@
+"""The classic internal services, answered inside the loop (RFC 862, 863, 864, 867, 868).
+
+As in inetd.c, a table maps each name to its stream and datagram behaviour. Stream sessions are
+non-blocking and driven by the selector, so a client that reads chargen slowly (or never) costs
+one registered fd and stalls nothing. Daytime and time answer at once and close: their reply is a
+few bytes that always fit in a fresh socket's send buffer.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from superd.loop import READ, WRITE, Loop
+
+RFC868_EPOCH = 2208988800  # seconds from 1900-01-01 to 1970-01-01
+CHUNK = 65536
+MAX_PENDING = 256 * 1024  # echo stops reading while this much is unsent
+
+
+def _chargen_cycle() -> bytes:
+    """RFC 864's pattern: 72 of the 95 printable characters a line, shifted by one each line."""
+    printable = bytes(range(32, 127))
+    ring = printable * 2
+    return b"".join(ring[i:i + 72] + b"\r\n" for i in range(len(printable)))
+
+
+CHARGEN = _chargen_cycle()
+CHARGEN2 = CHARGEN * 2 + CHARGEN[:CHUNK]  # any window of up to CHUNK bytes is one slice
+
+
+def daytime_text() -> bytes:
+    return time.strftime("%A, %B %d, %Y %H:%M:%S-%Z\r\n").encode()
+
+
+def time_bytes() -> bytes:
+    return struct.pack("!I", (int(time.time()) + RFC868_EPOCH) & 0xFFFFFFFF)
+
+
+class Session:
+    """One internal stream connection; subclasses say what to do when readable or writable."""
+
+    events = READ
+
+    def __init__(self, loop: Loop, sock: socket.socket, done: Callable[[Session], None]):
+        self.loop, self.sock, self.done = loop, sock, done
+        self.closed = False
+        self.peer = ""
+        self.bytes_in = self.bytes_out = 0
+        sock.setblocking(False)
+        loop.add(sock, self.events, self.ready)
+
+    def ready(self, mask: int) -> None:
+        if self.closed:
+            return
+        try:
+            if mask & READ:
+                self.readable()
+            if mask & WRITE and not self.closed:
+                self.writable()
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            self.close()
+
+    def read_some(self) -> bytes | None:
+        """Read what is there; None (after closing) at EOF."""
+        data = self.sock.recv(CHUNK)
+        if not data:
+            self.close()
+            return None
+        self.bytes_in += len(data)
+        return data
+
+    def readable(self) -> None:
+        self.read_some()
+
+    def writable(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.loop.remove(self.sock)
+            self.sock.close()
+            self.done(self)
+
+
+class Echo(Session):
+    def __init__(self, *args: object):
+        self.pending = bytearray()
+        self.eof = False
+        super().__init__(*args)  # type: ignore[arg-type]
+
+    def readable(self) -> None:
+        data = self.sock.recv(CHUNK)
+        if not data:
+            self.eof = True
+        else:
+            self.bytes_in += len(data)
+            self.pending += data
+        self.flush()
+
+    def writable(self) -> None:
+        self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            try:
+                sent = self.sock.send(self.pending)
+            except BlockingIOError:
+                sent = 0
+            del self.pending[:sent]
+            self.bytes_out += sent
+        if self.eof and not self.pending:
+            self.close()
+            return
+        events = (0 if self.eof or len(self.pending) >= MAX_PENDING else READ) | (
+            WRITE if self.pending else 0)
+        self.loop.modify(self.sock, events, self.ready)
+
+
+class Discard(Session):
+    pass
+
+
+class Chargen(Session):
+    events = READ | WRITE
+
+    def __init__(self, *args: object):
+        self.offset = 0
+        super().__init__(*args)  # type: ignore[arg-type]
+
+    def writable(self) -> None:
+        sent = self.sock.send(CHARGEN2[self.offset:self.offset + CHUNK])
+        self.bytes_out += sent
+        self.offset = (self.offset + sent) % len(CHARGEN)
+
+
+def _answer_once(reply: Callable[[], bytes]) -> Callable[..., None]:
+    """Daytime and time: send the answer, close, done."""
+    def start(loop: Loop, sock: socket.socket, done: Callable[[object], None]) -> None:
+        try:
+            sock.send(reply())
+        except OSError:
+            pass
+        sock.close()
+    return start
+
+
+def _chargen_datagram(data: bytes) -> bytes:
+    size = random.randint(0, 512)
+    start = random.randrange(len(CHARGEN))
+    return CHARGEN2[start:start + size]
+
+
+@dataclass(frozen=True)
+class Builtin:
+    """One row of the built-in table: how to serve a stream connection and a datagram."""
+
+    name: str
+    stream: Callable[..., object]
+    datagram: Callable[[bytes], bytes | None]
+    in_loop_session: bool  # does the stream side stay registered after accept?
+
+
+BUILTINS = {b.name: b for b in (
+    Builtin("echo", Echo, lambda data: data, True),
+    Builtin("discard", Discard, lambda data: None, True),
+    Builtin("chargen", Chargen, _chargen_datagram, True),
+    Builtin("daytime", _answer_once(daytime_text), lambda data: daytime_text(), False),
+    Builtin("time", _answer_once(time_bytes), lambda data: time_bytes(), False),
+)}

@@ -1,0 +1,143 @@
+"""Admission and overload for one service: limits that pause, never switch off (SPEC §4).
+
+Two kinds of answer. `admit()` decides about one accepted peer: refuse it (address, per-source,
+refuse-mode instances, max_children) and say why. `paused` stops the listener from being polled
+at all, so connections wait in the kernel backlog: queue-mode instances, an empty rate bucket,
+crash-loop back-off and running out of fds. Every pause ends by itself: a freed slot, a timer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import TYPE_CHECKING
+
+from superd.access import allowed, is_unicast
+from superd.config import Service
+from superd.loop import Timer
+
+if TYPE_CHECKING:
+    from superd.service import ServiceRuntime
+
+QUICK_EXIT = 1.0  # a non-zero exit sooner than this after start counts toward back-off
+QUICK_EXITS = 5
+BACKOFF_FIRST, BACKOFF_MAX = 1.0, 60.0
+FD_BACKOFF_FIRST, FD_BACKOFF_MAX = 0.1, 5.0
+
+
+class Limits:
+    def __init__(self, runtime: ServiceRuntime):
+        self.runtime = runtime
+        self.paused: str | None = None
+        self.timer: Timer | None = None
+        self.per_peer: Counter[str] = Counter()
+        self.quick_failures = 0
+        self.backoff = 0.0
+        self.fd_backoff = 0.0
+        self.tokens = 0.0
+        self.refilled = time.monotonic()
+
+    def configure(self, config: Service) -> None:
+        self.config = config
+        if config.rate:
+            self.capacity = float(config.rate[0])
+            self.per_second = config.rate[0] / config.rate[1]
+            self.tokens = min(self.tokens, self.capacity) if self.tokens else self.capacity
+        if self.paused == "service_limit" and not self.full():
+            self.resume()
+
+    # -- per peer ---------------------------------------------------------------------------
+
+    def admit(self, peer: str) -> str | None:
+        """None to go ahead (and the slot is taken), else the FAIL reason."""
+        cfg = self.config
+        if not allowed(peer, cfg.only_from, cfg.no_access):
+            return "address"
+        if cfg.instances is not None and self.runtime.active >= cfg.instances:
+            return "service_limit"
+        if cfg.per_source is not None and self.per_peer[peer] >= cfg.per_source:
+            return "per_source_limit"
+        server = self.runtime.server
+        if self.runtime.builtin is None and len(server.children) >= server.max_children:
+            return "process_limit"
+        self.per_peer[peer] += 1
+        self.take_token()
+        if (cfg.on_limit == "queue" and cfg.instances is not None
+                and self.runtime.active + 1 >= cfg.instances):
+            self.pause("service_limit")  # the slot granted now is the last one
+        return None
+
+    def datagram_allowed(self, addr: object) -> bool:
+        """Internal datagram services: no privileged source ports, no broadcast, the ACL."""
+        if not isinstance(addr, tuple):
+            return True  # unix datagram peer
+        ip, port = addr[0], addr[1]
+        return port >= 1024 and is_unicast(ip) and allowed(ip, self.config.only_from,
+                                                             self.config.no_access)
+
+    def full(self) -> bool:
+        return self.config.instances is not None and self.runtime.active >= self.config.instances
+
+    # -- slots coming back ------------------------------------------------------------------
+
+    def freed(self, peer: str = "") -> None:
+        if self.per_peer[peer] > 1:
+            self.per_peer[peer] -= 1
+        else:
+            self.per_peer.pop(peer, None)
+        if self.paused == "service_limit" and not self.full():
+            self.resume()
+
+    def exited(self, peer: str, code: int, duration: float) -> None:
+        """A handler ended: free its slot, and watch for a crash loop."""
+        self.freed(peer)
+        if code != 0 and duration < QUICK_EXIT:
+            self.quick_failures += 1
+            if self.quick_failures >= QUICK_EXITS:
+                self.backoff = min(BACKOFF_MAX, self.backoff * 2 if self.backoff else BACKOFF_FIRST)
+                self.runtime.log.warning(f"BACKOFF: {self.config.name} {self.backoff:g}s")
+                self.pause("backoff", self.backoff)
+        elif code == 0 or duration >= QUICK_EXIT:
+            self.quick_failures = 0
+            self.backoff = 0.0
+
+    def out_of_fds(self, error: OSError) -> None:
+        self.fd_backoff = min(FD_BACKOFF_MAX, self.fd_backoff * 2 or FD_BACKOFF_FIRST)
+        self.runtime.log.error(f"{self.config.name}: accept: {error.strerror}; pausing "
+                               f"{self.fd_backoff:g}s")
+        self.pause("fds", self.fd_backoff)
+
+    def accepted_ok(self) -> None:
+        self.fd_backoff = 0.0
+
+    # -- rate -------------------------------------------------------------------------------
+
+    def take_token(self) -> None:
+        if not self.config.rate:
+            return
+        now = time.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self.refilled) * self.per_second)
+        self.refilled = now
+        self.tokens -= 1
+        if self.tokens < 1:
+            self.pause("rate", (1 - self.tokens) / self.per_second)
+
+    # -- pausing ----------------------------------------------------------------------------
+
+    def pause(self, reason: str, seconds: float | None = None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.paused = reason
+        if seconds is not None:
+            self.timer = self.runtime.loop.call_later(seconds, self.resume)
+        self.runtime.server.poll_service(self.runtime)
+
+    def resume(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        reason, self.paused = self.paused, None
+        if reason != "service_limit" and self.config.on_limit == "queue" and self.full():
+            self.paused = "service_limit"
+        self.runtime.server.poll_service(self.runtime)

@@ -1,0 +1,111 @@
+"""The event loop: one selector, a timer heap, and signals delivered through a wakeup fd.
+
+Nothing here knows what a service is. Signal handlers do nothing at all: `signal.set_wakeup_fd`
+already writes each signal's number into a pipe that the selector watches, so signals are read
+and dispatched in the loop like any other event (gunicorn's Arbiter, without the extra queue).
+When idle, the loop sleeps in the selector with no timeout unless a timer is due: no periodic
+wake-ups.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import os
+import selectors
+import signal
+import time
+from collections.abc import Callable
+
+READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
+
+
+def _ignore(signum: int, frame: object) -> None:
+    """The wakeup fd has already recorded the signal; nothing else to do here."""
+
+
+class Timer:
+    """A pending call; `cancel()` makes it a no-op (lazy removal from the heap)."""
+
+    __slots__ = ("when", "callback", "cancelled")
+
+    def __init__(self, when: float, callback: Callable[[], None]):
+        self.when, self.callback, self.cancelled = when, callback, False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Loop:
+    def __init__(self, on_signal: Callable[[int], None], signals: tuple[int, ...]):
+        self.selector = selectors.DefaultSelector()
+        self.timers: list[tuple[float, int, Timer]] = []
+        self.seq = itertools.count()
+        self.on_signal = on_signal
+        self.signals = signals
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.selector.register(self.wake_r, READ, self._read_signals)
+        for sig in signals:
+            signal.signal(sig, _ignore)
+        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+
+    # -- file descriptors -------------------------------------------------------------------
+
+    def add(self, fileobj: object, events: int, callback: Callable[[int], None]) -> None:
+        self.selector.register(fileobj, events, callback)
+
+    def modify(self, fileobj: object, events: int, callback: Callable[[int], None]) -> None:
+        self.selector.modify(fileobj, events, callback)
+
+    def remove(self, fileobj: object) -> None:
+        try:
+            self.selector.unregister(fileobj)
+        except (KeyError, ValueError):
+            pass
+
+    def watching(self, fileobj: object) -> bool:
+        try:
+            self.selector.get_key(fileobj)
+        except (KeyError, ValueError):
+            return False
+        return True
+
+    # -- timers -----------------------------------------------------------------------------
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
+        timer = Timer(time.monotonic() + delay, callback)
+        heapq.heappush(self.timers, (timer.when, next(self.seq), timer))
+        return timer
+
+    # -- running ----------------------------------------------------------------------------
+
+    def run_once(self) -> None:
+        """Wait for the next event or due timer, and dispatch everything that is ready."""
+        timeout = None
+        while self.timers and self.timers[0][2].cancelled:
+            heapq.heappop(self.timers)
+        if self.timers:
+            timeout = max(0.0, self.timers[0][0] - time.monotonic())
+        for key, mask in self.selector.select(timeout):
+            key.data(mask)
+        now = time.monotonic()
+        while self.timers and self.timers[0][0] <= now:
+            timer = heapq.heappop(self.timers)[2]
+            if not timer.cancelled:
+                timer.callback()
+
+    def _read_signals(self, mask: int) -> None:
+        try:
+            data = os.read(self.wake_r, 512)
+        except BlockingIOError:
+            return
+        for signum in data:
+            self.on_signal(signum)
+
+    def close(self) -> None:
+        signal.set_wakeup_fd(-1)
+        for sig in self.signals:
+            signal.signal(sig, signal.SIG_DFL)
+        self.selector.close()
+        os.close(self.wake_r)
+        os.close(self.wake_w)

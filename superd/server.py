@@ -1,0 +1,282 @@
+"""The arbiter: owns the table, the listening sockets and the children; reloads and stops.
+
+Read `run()` first: it is the main loop. Signals arrive as events and are dispatched to
+`handle_<name>()`. Listeners are kept in `pool`, keyed by what they are bound to, so that a
+reload reuses every socket whose address did not change and binds new ones before closing old
+ones. Whether a listener is polled is decided in one place, `poll()`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from functools import partial
+
+from superd.children import Child
+from superd.config import Table, TableError, load_table
+from superd.control import ControlSocket
+from superd.listeners import Listener
+from superd.log import Log
+from superd.loop import READ, Loop
+from superd.service import ServiceRuntime
+from superd.spawn import HANDLED_SIGNALS
+from superd.systemd import Notifier
+
+KILL_AFTER_TERM = 2.0  # `timeout`: SIGKILL this long after SIGTERM (SPEC §2)
+
+
+class BindError(Exception):
+    pass
+
+
+class Server:
+    def __init__(self, table: Table, log: Log, passed: dict[str, list[Listener]] | None = None):
+        self.table = table
+        self.log = log
+        self.notifier = Notifier()
+        self.loop = Loop(self.handle_signal, HANDLED_SIGNALS)
+        self.pool: dict[tuple, Listener] = {}
+        self.passed = passed or {}
+        self.services: dict[str, ServiceRuntime] = {}
+        self.children: dict[int, Child] = {}
+        self.held: dict[Listener, Child] = {}
+        self.stopping = False
+        self.max_children = table.settings.max_children
+        self.control: ControlSocket | None = None
+
+    # -- main loop --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Bind every listener, or raise BindError having bound nothing."""
+        for name, listeners in self.passed.items():
+            if name not in {s.name for s in self.table.enabled}:
+                self.log.error(f"socket passed by systemd named {name!r} matches no service; "
+                               "closing it")
+                for listener in listeners:
+                    listener.close()
+        self.passed = {n: ls for n, ls in self.passed.items()
+                       if n in {s.name for s in self.table.enabled}}
+        self.install(self.table, self.bind(self.table))
+        path = self.table.settings.control_socket
+        try:
+            self.control = ControlSocket(self, path)
+        except OSError as e:
+            self.log.warning(f"control socket {path}: {e.strerror or e}; "
+                             "superd status/reload/stop will not reach this daemon")
+        self.log.info(f"started: {len(self.services)} services, pid {os.getpid()}")
+        self.notifier.notify("READY=1")
+        self.watchdog()
+
+    def run(self) -> None:
+        while not (self.stopping and not self.children):
+            self.loop.run_once()
+        self.log.info("stopped")
+        self.loop.close()
+
+    def handle_signal(self, signum: int) -> None:
+        name = signal.Signals(signum).name[3:].lower()
+        getattr(self, f"handle_{name}")()
+
+    def handle_hup(self) -> None:
+        self.reload()
+
+    def handle_term(self) -> None:
+        self.stop()
+
+    handle_int = handle_term
+
+    def handle_chld(self) -> None:
+        self.reap()
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            child = self.children.pop(pid, None)
+            if child is None:
+                continue
+            child.service.exited(child, status)
+            if child.listener is not None:
+                self.held.pop(child.listener, None)
+                self.poll(child.listener)
+
+    # -- listeners --------------------------------------------------------------------------
+
+    def bind(self, table: Table) -> dict[tuple, Listener]:
+        """Listeners for `table`: reused from the pool where the address is the same."""
+        pool: dict[tuple, Listener] = {}
+        for svc in table.enabled:
+            if svc.name in self.passed:
+                continue
+            for addr in svc.listen:
+                key = addr.key(svc.protocol)
+                listener = self.pool.get(key)
+                try:
+                    if listener is None:
+                        listener = Listener.bind(addr, svc.protocol, svc.backlog)
+                    elif listener.stream and svc.backlog != listener.backlog:
+                        listener.sock.listen(svc.backlog)
+                except OSError as e:
+                    for k, new in pool.items():
+                        if k not in self.pool:
+                            new.close()
+                    raise BindError(f"services.{svc.name}.listen: cannot bind {addr}: "
+                                    f"{e.strerror} ({svc.where})") from None
+                listener.backlog = svc.backlog
+                pool[key] = listener
+        return pool
+
+    def install(self, table: Table, pool: dict[tuple, Listener]) -> None:
+        """Switch to `table` and `pool`: close what is gone, hand listeners to services."""
+        for key, listener in self.pool.items():
+            if key not in pool:
+                listener.owner = None
+                self.loop.remove(listener.sock)
+                listener.close()
+        self.pool = pool
+        self.table = table
+        self.max_children = table.settings.max_children
+        self.log.configure(table.settings)
+        services: dict[str, ServiceRuntime] = {}
+        for svc in table.enabled:
+            runtime = self.services.get(svc.name)
+            if runtime is None:
+                runtime = ServiceRuntime(self, svc)
+            else:
+                runtime.configure(svc)
+            runtime.listeners = [pool[a.key(svc.protocol)] for a in svc.listen
+                                 if svc.name not in self.passed]
+            runtime.listeners += self.passed.get(svc.name, [])
+            for listener in runtime.listeners:
+                listener.owner = runtime
+            services[svc.name] = runtime
+        for name, runtime in self.services.items():
+            if name not in services:
+                runtime.listeners = []  # retired; its running handlers finish on their own
+        self.services = services
+        for runtime in services.values():
+            self.poll_service(runtime)
+
+    def poll(self, listener: Listener) -> None:
+        """Watch `listener` exactly when its service may take a connection from it."""
+        owner = getattr(listener, "owner", None)
+        want = (owner is not None and not self.stopping and not owner.paused
+                and listener not in self.held and listener.sock.fileno() >= 0)
+        watching = listener.sock.fileno() >= 0 and self.loop.watching(listener.sock)
+        if want and not watching:
+            self.loop.add(listener.sock, READ, partial(self._ready, listener))
+        elif watching and not want:
+            self.loop.remove(listener.sock)
+
+    def poll_service(self, runtime: ServiceRuntime) -> None:
+        for listener in runtime.listeners:
+            self.poll(listener)
+
+    def _ready(self, listener: Listener, mask: int) -> None:
+        if listener.owner is not None:
+            listener.owner.ready(listener)
+
+    # -- children ---------------------------------------------------------------------------
+
+    def adopt(self, child: Child) -> None:
+        self.children[child.pid] = child
+
+    def hold(self, listener: Listener, child: Child) -> None:
+        """A wait handler has the listener now: do not poll it until the handler exits."""
+        self.held[listener] = child
+        self.poll(listener)
+
+    def overrun(self, child: Child) -> None:
+        """`timeout` expired: SIGTERM the handler's process group, SIGKILL it 2 s later."""
+        if child.pid not in self.children:
+            return
+        child.timed_out = True
+        child.service.refuse("timeout", child.peer)
+        self.signal_group(child, signal.SIGTERM)
+        child.timers.append(self.loop.call_later(
+            KILL_AFTER_TERM, lambda: self.signal_group(child, signal.SIGKILL)))
+
+    def signal_group(self, child: Child, sig: int) -> None:
+        if child.pid in self.children:
+            try:
+                os.killpg(child.pid, sig)
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                os.kill(child.pid, sig)
+
+    # -- reload and stop --------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """SIGHUP: validate the new table whole, then switch; a bad one changes nothing."""
+        if self.stopping:
+            return
+        self.notifier.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            table = load_table(self.table.path)
+            pool = self.bind(table)
+        except TableError as e:
+            for problem in e.problems:
+                self.log.error(f"reload refused, keeping the running table: {problem}")
+            self.notifier.notify("READY=1")
+            return
+        except BindError as e:
+            self.log.error(f"reload refused, keeping the running table: {e}")
+            self.notifier.notify("READY=1")
+            return
+        old = {s.name: s for s in self.table.enabled}
+        new = {s.name: s for s in table.enabled}
+        added = sorted(new.keys() - old.keys())
+        removed = sorted(old.keys() - new.keys())
+        changed = sorted(n for n in new.keys() & old.keys() if new[n] != old[n])
+        self.install(table, pool)
+        parts = [f"{len(new)} services"] + [f"{what} {', '.join(names)}" for what, names in
+                                             (("added", added), ("removed", removed),
+                                              ("changed", changed)) if names]
+        self.log.info("reloaded: " + "; ".join(parts))
+        self.notifier.notify("READY=1")
+
+    def stop(self) -> None:
+        """SIGTERM/SIGINT: stop listening, SIGTERM handlers, SIGKILL after shutdown_grace."""
+        if self.stopping:
+            return
+        self.stopping = True
+        self.notifier.notify("STOPPING=1")
+        if self.control is not None:
+            self.control.close()
+        self.log.info(f"stopping: {len(self.children)} handlers running")
+        for listener in [*self.pool.values(), *(p for ps in self.passed.values() for p in ps)]:
+            self.loop.remove(listener.sock)
+            listener.close()
+        for runtime in self.services.values():
+            runtime.close_sessions()
+        for child in list(self.children.values()):
+            self.signal_group(child, signal.SIGTERM)
+        if self.children:
+            self.loop.call_later(self.table.settings.shutdown_grace, self.kill_all)
+
+    def kill_all(self) -> None:
+        for child in list(self.children.values()):
+            self.signal_group(child, signal.SIGKILL)
+
+    def watchdog(self) -> None:
+        if self.notifier.watchdog and not self.stopping:
+            self.notifier.notify("WATCHDOG=1")
+            self.loop.call_later(self.notifier.watchdog / 2, self.watchdog)
+
+    def status(self) -> dict[str, object]:
+        """Live counters for `superd status` (SPEC §1)."""
+        services = {}
+        for name, rt in self.services.items():
+            services[name] = {
+                "accepted": rt.accepted, "active": rt.active, "refused": dict(rt.refused),
+                "paused": rt.paused, "last_exit": rt.last_exit,
+                "listen": [str(listener) for listener in rt.listeners],
+            }
+        return {"services": services, "children": len(self.children), "pid": os.getpid(),
+                "table": self.table.path}

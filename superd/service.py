@@ -1,0 +1,273 @@
+"""One service at run time: accept its connections, check them, start their handlers.
+
+The loop calls `ready()` when a listener of this service is readable; everything a connection
+goes through happens here, in order: accept (in a batch, until EAGAIN), ask `limits` whether
+it may proceed, then start an internal session or spawn a handler. The record (`config`) is
+replaced on reload; counters, running handlers and sessions stay with this object.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+import time
+from collections import Counter
+from typing import TYPE_CHECKING
+
+from superd import spawn
+from superd.children import Child, StderrLines
+from superd.config import Service
+from superd.internal import BUILTINS, Session
+from superd.limits import Limits
+from superd.listeners import Listener, plain_ip
+
+if TYPE_CHECKING:
+    from superd.server import Server
+
+ACCEPT_BATCH = 64  # connections per wake-up per listener; the rest wait for the next turn
+DATAGRAM_BATCH = 256
+FD_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+PROTO = {socket.AF_INET: "TCP", socket.AF_INET6: "TCP", socket.AF_UNIX: "UNIX"}
+
+
+class ServiceRuntime:
+    def __init__(self, server: Server, config: Service):
+        self.server = server
+        self.log = server.log
+        self.loop = server.loop
+        self.listeners: list[Listener] = []
+        self.sessions: set[Session] = set()
+        self.children: set[Child] = set()
+        self.accepted = 0
+        self.refused: Counter[str] = Counter()
+        self.last_exit: int | None = None
+        self.limits = Limits(self)
+        self.configure(config)
+
+    def configure(self, config: Service) -> None:
+        self.config = config
+        self.name = config.name
+        self.prepared = spawn.prepare(config, dict(os.environ))
+        self.builtin = BUILTINS.get(config.internal)
+        self.limits.configure(config)
+
+    @property
+    def active(self) -> int:
+        return len(self.children) + len(self.sessions)
+
+    @property
+    def paused(self) -> str | None:
+        return self.limits.paused
+
+    # -- readiness --------------------------------------------------------------------------
+
+    def ready(self, listener: Listener) -> None:
+        if self.builtin is not None and not listener.stream:
+            self.datagrams(listener)
+        elif self.config.wait:
+            self.start_wait(listener)
+        else:
+            self.accept(listener)
+
+    def accept(self, listener: Listener) -> None:
+        for _ in range(ACCEPT_BATCH):
+            if self.limits.paused:
+                return
+            try:
+                conn, addr = listener.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno in FD_ERRORS:
+                    self.limits.out_of_fds(e)
+                elif e.errno not in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                    self.log.error(f"{self.name}: accept on {listener}: {e.strerror}")
+                return
+            if self.limits.fd_backoff:
+                self.limits.accepted_ok()
+            self.connection(conn, addr, listener)
+
+    def connection(self, conn: socket.socket, addr: object, listener: Listener) -> None:
+        peer, env = peer_env(conn, addr, listener)
+        reason = self.limits.admit(peer)
+        if reason is not None:
+            self.refuse(reason, peer)
+            conn.close()
+            return
+        self.accepted += 1
+        if self.builtin is not None:
+            self.start_session(conn, peer)
+        else:
+            self.start_handler(conn, peer, env, None)
+            conn.close()
+
+    def refuse(self, reason: str, peer: str) -> None:
+        self.refused[reason] += 1
+        host = f" from={peer}" if "host" in self.config.log_on_failure and peer else ""
+        self.log.warning(f"FAIL: {self.name} {reason}{host}",
+                         SUPERD_SERVICE=self.name, REMOTE_ADDR=peer)
+
+    # -- internal services ------------------------------------------------------------------
+
+    def start_session(self, conn: socket.socket, peer: str) -> None:
+        self.log_start(0, peer)
+        if self.builtin.in_loop_session:
+            session = self.builtin.stream(self.loop, conn, self.session_done)
+            session.peer = peer
+            self.sessions.add(session)
+        else:
+            self.builtin.stream(self.loop, conn, self.session_done)
+            self.limits.freed(peer)
+
+    def session_done(self, session: Session) -> None:
+        self.sessions.discard(session)
+        self.limits.freed(session.peer)
+
+    def datagrams(self, listener: Listener) -> None:
+        """Answer queued datagrams until the socket is empty (or a batch is done)."""
+        answer = self.builtin.datagram
+        sock = listener.sock
+        for _ in range(DATAGRAM_BATCH):
+            try:
+                data, addr = sock.recvfrom(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            if not self.limits.datagram_allowed(addr):
+                continue
+            reply = answer(data)
+            if reply is not None and addr:
+                try:
+                    sock.sendto(reply, addr)
+                except OSError:
+                    pass
+
+    # -- handlers ---------------------------------------------------------------------------
+
+    def start_wait(self, listener: Listener) -> None:
+        """Hand the listening socket itself to a handler; stop polling it until that exits."""
+        peer, env = wait_peer_env(listener)
+        reason = self.limits.admit(peer)
+        if reason is not None:
+            self.refuse(reason, peer)
+            if not listener.stream:
+                _drop_datagram(listener.sock)
+            return
+        self.accepted += 1
+        self.start_handler(listener.sock, peer, env, listener)
+
+    def start_handler(self, sock: socket.socket, peer: str, env: dict[str, str],
+                      listener: Listener | None) -> None:
+        try:
+            started = spawn.spawn(self.prepared, sock, env, wait=listener is not None)
+        except OSError as e:
+            self.log.error(f"{self.name}: cannot fork: {e.strerror}")
+            self.refuse("exec", peer)
+            self.limits.freed(peer)
+            return
+        child = Child(started.pid, self, peer, started.status)
+        if started.stderr >= 0:
+            StderrLines(self.loop, self.log, started.stderr, self.name, started.pid)
+        self.children.add(child)
+        self.server.adopt(child)
+        if listener is not None:
+            child.listener = listener
+            self.server.hold(listener, child)
+        if self.config.timeout:
+            child.timers.append(self.loop.call_later(self.config.timeout,
+                                                     lambda: self.server.overrun(child)))
+        self.log_start(child.pid, peer)
+
+    def log_start(self, pid: int, peer: str) -> None:
+        opts = self.config.log_on_success
+        if not opts & {"pid", "host"}:
+            return
+        text = f"START: {self.name}"
+        if "pid" in opts:
+            text += f" pid={pid}"
+        if "host" in opts and peer:
+            text += f" from={peer}"
+        self.log.info(text, SUPERD_SERVICE=self.name, REMOTE_ADDR=peer)
+
+    def exited(self, child: Child, status: int) -> None:
+        """The loop reaped `child`: log it, free its slot."""
+        self.children.discard(child)
+        child.cancel_timers()
+        failure = spawn.exec_failure(child.status_fd)
+        duration = time.monotonic() - child.started
+        if failure is not None:
+            self.log.error(f"{self.name}: cannot start handler: {failure}")
+            self.refuse("exec", child.peer)
+            code = spawn.EXEC_FAILED
+        else:
+            code = os.waitstatus_to_exitcode(status)
+            self.last_exit = code
+            self.log_exit(child, code, duration)
+        self.limits.exited(child.peer, code, duration)
+
+    def log_exit(self, child: Child, code: int, duration: float) -> None:
+        opts = self.config.log_on_success
+        if not opts & {"exit", "pid", "duration"}:
+            return
+        text = f"EXIT: {self.name}"
+        if "exit" in opts:
+            text += f" signal={-code}" if code < 0 else f" status={code}"
+        if "pid" in opts:
+            text += f" pid={child.pid}"
+        if "duration" in opts:
+            text += f" duration={int(duration)}(sec)"
+        self.log.info(text, SUPERD_SERVICE=self.name, REMOTE_ADDR=child.peer,
+                      EXIT_STATUS=str(code))
+
+    def close_sessions(self) -> None:
+        for session in list(self.sessions):
+            session.close()
+
+
+def peer_env(conn: socket.socket, addr: object, listener: Listener) -> tuple[str, dict[str, str]]:
+    """The peer as logged, and the connection's part of the handler environment (SPEC §3)."""
+    if conn.family == socket.AF_UNIX:
+        pid, uid, gid = struct.unpack("3i", conn.getsockopt(
+            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+        return f"uid:{uid}", {"PROTO": "UNIX", "UNIXREMOTEEUID": str(uid),
+                              "UNIXREMOTEEGID": str(gid), "UNIXREMOTEPID": str(pid)}
+    ip, port = addr[0], addr[1]  # type: ignore[index]
+    ip = plain_ip(ip)
+    local = listener.address
+    if local is not None and local.host not in ("0.0.0.0", "::"):
+        lip, lport = local.host, local.port
+    else:
+        lip, lport = conn.getsockname()[:2]
+        lip = plain_ip(lip)
+    return ip, _ip_env("TCP", ip, port, lip, lport)
+
+
+def _ip_env(proto: str, ip: str, port: int, lip: str, lport: int) -> dict[str, str]:
+    p, lp = str(port), str(lport)
+    return {"PROTO": proto, "TCPREMOTEIP": ip, "TCPREMOTEPORT": p, "TCPLOCALIP": lip,
+            "TCPLOCALPORT": lp, "REMOTE_ADDR": ip, "REMOTE_PORT": p, "REMOTE_HOST": ip}
+
+
+def wait_peer_env(listener: Listener) -> tuple[str, dict[str, str]]:
+    """For a wait handler: the sender of the first queued datagram, if any (MSG_PEEK)."""
+    sock = listener.sock
+    proto = "UDP" if sock.family != socket.AF_UNIX and not listener.stream else PROTO[sock.family]
+    if listener.stream or sock.family == socket.AF_UNIX:
+        return "", {"PROTO": proto}
+    try:
+        _, addr = sock.recvfrom(1, socket.MSG_PEEK)
+    except OSError:
+        return "", {"PROTO": proto}
+    ip = plain_ip(addr[0])
+    lip, lport = sock.getsockname()[:2]
+    return ip, _ip_env(proto, ip, addr[1], plain_ip(lip), lport)
+
+
+def _drop_datagram(sock: socket.socket) -> None:
+    try:
+        sock.recv(1)
+    except OSError:
+        pass

@@ -1,0 +1,184 @@
+"""Start a handler: fork, arrange its fds, credentials and limits, then exec or call python.
+
+Everything that can be computed once per service (argv, the laundered base environment) is in
+`Prepared`, built at load, so the per-connection work is a dict copy, a fork and a few syscalls.
+The parent never waits for the exec: the child reports a failure through a close-on-exec pipe
+that is read when the child is reaped, so a slow exec never stalls the loop.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import resource
+import signal
+import socket
+import sys
+import traceback
+from dataclasses import dataclass
+
+from superd.config import Service
+from superd.fields import RLIMITS
+
+STANDARD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
+RESET_SIGNALS = HANDLED_SIGNALS + (signal.SIGPIPE, signal.SIGXFSZ)  # Python ignores those two
+EXEC_FAILED = 127
+_devnull = -1
+_nofile_soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]  # what handlers get back
+_fd_ceiling = _nofile_soft  # no fd of ours is above this
+
+
+def raise_nofile_limit() -> None:
+    """Lift superd's own soft fd limit to the hard one; handlers get the old soft limit back."""
+    global _fd_ceiling
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        _fd_ceiling = hard
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Per-service spawning data computed once at load."""
+
+    service: Service
+    base_env: dict[str, str]
+
+
+def prepare(service: Service, environ: dict[str, str]) -> Prepared:
+    env = {"PATH": STANDARD_PATH, "SUPERD_SERVICE": service.name}
+    for name in service.passenv:
+        if name in environ:
+            env[name] = environ[name]
+    env.update(service.env)
+    return Prepared(service, env)
+
+
+@dataclass
+class Started:
+    pid: int
+    stderr: int  # read end of the handler's stderr pipe, or -1
+    status: int  # read end of the exec-status pipe
+
+
+def spawn(prep: Prepared, sock: socket.socket, env: dict[str, str], wait: bool) -> Started:
+    """Fork a handler for `sock` (a connection, or the listener itself when `wait`)."""
+    global _devnull
+    svc = prep.service
+    env = {**prep.base_env, **env}
+    if _devnull < 0:
+        _devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    status_r, status_w = os.pipe2(os.O_CLOEXEC)
+    err_r = err_w = -1
+    if svc.stderr == "log":
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+    try:
+        pid = os.fork()
+    except OSError:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        for fd in (status_r, status_w, err_r, err_w):
+            if fd >= 0:
+                os.close(fd)
+        raise
+    if pid == 0:
+        _child(prep, sock, env, wait, status_w, err_w)  # never returns
+    signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+    try:
+        os.setpgid(pid, pid)  # also done in the child; whichever runs first wins the race
+    except OSError:
+        pass
+    os.close(status_w)
+    if err_w >= 0:
+        os.close(err_w)
+    return Started(pid, err_r, status_r)
+
+
+def exec_failure(status_fd: int) -> str | None:
+    """After the child is gone: why it could not start, or None if it did."""
+    try:
+        data = os.read(status_fd, 4096)
+    except OSError:
+        data = b""
+    os.close(status_fd)
+    return data.decode("utf-8", "replace") or None
+
+
+def _child(prep: Prepared, sock: socket.socket, env: dict[str, str], wait: bool,
+           status_w: int, err_w: int) -> None:
+    """In the forked child: become the handler or exit 127 saying why not."""
+    svc = prep.service
+    try:
+        os.setpgid(0, 0)
+        signal.set_wakeup_fd(-1)
+        for sig in RESET_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        fd = sock.fileno()
+        stderr = {"log": err_w, "socket": fd, "null": _devnull}[svc.stderr]
+        wanted = [fd, fd, stderr] + ([fd] if wait else [])
+        # Move the sources out of the way first, so that dup2 onto 0..3 cannot clobber one.
+        high = [fcntl.fcntl(src, fcntl.F_DUPFD_CLOEXEC, 16) for src in wanted + [status_w]]
+        for target, src in enumerate(high[:-1]):
+            os.dup2(src, target, inheritable=True)
+        status_w = len(wanted)  # close-on-exec: it closes by itself when exec succeeds
+        os.dup2(high[-1], status_w, inheritable=False)
+        os.closerange(status_w + 1, max(_fd_ceiling, max(high)) + 1)
+        if wait:
+            env["LISTEN_FDS"] = "1"
+            env["LISTEN_PID"] = str(os.getpid())
+            env["LISTEN_FDNAMES"] = svc.name
+        _set_limits_and_identity(svc)
+        if svc.function is not None:
+            os.close(status_w)
+            _run_python(svc, env, wait)
+        os.execve(svc.program, svc.argv, env)
+    except BaseException as e:  # report anything, then leave without running parent code
+        try:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            os.write(status_w, f"{type(e).__name__}: {reason}".encode())
+        finally:
+            os._exit(EXEC_FAILED)
+
+
+def _set_limits_and_identity(svc: Service) -> None:
+    limits = dict(svc.rlimits)
+    if "nofile" not in limits:
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(_nofile_soft, hard), hard))
+    for name, value in limits.items():
+        resource.setrlimit(RLIMITS[name], (value, value))
+    if svc.nice:
+        os.setpriority(os.PRIO_PROCESS, 0, svc.nice)
+    if svc.umask is not None:
+        os.umask(svc.umask)
+    os.chdir(svc.cwd)
+    if svc.gid is not None:
+        if os.geteuid() == 0:
+            os.setgroups(list(svc.groups or (svc.gid,)))
+        os.setgid(svc.gid)
+    if svc.uid is not None:
+        os.setuid(svc.uid)
+
+
+def _run_python(svc: Service, env: dict[str, str], wait: bool) -> None:
+    """Call the python handler in this forked child and exit with its status."""
+    os.environ.clear()
+    os.environ.update(env)
+    status = 1
+    try:
+        sock = socket.socket(fileno=3 if wait else 0)
+        result = svc.function(sock, env)  # type: ignore[misc]
+        status = result if isinstance(result, int) and not isinstance(result, bool) else 0
+    except SystemExit as e:
+        status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except Exception:
+            pass
+        os._exit(status & 0xFF)

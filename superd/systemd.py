@@ -1,0 +1,56 @@
+"""What superd does when systemd is around: sd_notify, passed sockets, journal fields.
+
+All of it is a no-op without systemd (no NOTIFY_SOCKET, no LISTEN_FDS), so the daemon code can
+call these unconditionally.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from systemd import daemon
+
+
+class Notifier:
+    """sd_notify through systemd-python; silent when NOTIFY_SOCKET is not set."""
+
+    def __init__(self) -> None:
+        self.enabled = bool(os.environ.get("NOTIFY_SOCKET"))
+        usec = os.environ.get("WATCHDOG_USEC", "")
+        pid = os.environ.get("WATCHDOG_PID", "")
+        self.watchdog = (int(usec) / 1e6 if usec.isdigit() and int(usec) > 0
+                         and (not pid or pid == str(os.getpid())) else 0.0)
+
+    def notify(self, message: str) -> None:
+        if self.enabled:
+            daemon.notify(message)
+
+
+def passed_sockets() -> dict[str, list[socket.socket]]:
+    """Sockets from socket activation, by FileDescriptorName= (LISTEN_FDS, LISTEN_FDNAMES)."""
+    fds = daemon.listen_fds(unset_environment=True)
+    names = os.environ.pop("LISTEN_FDNAMES", "").split(":")
+    out: dict[str, list[socket.socket]] = {}
+    for i, fd in enumerate(fds):
+        name = names[i] if i < len(names) and names[i] else "unknown"
+        os.set_inheritable(fd, False)
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        out.setdefault(name, []).append(sock)
+    return out
+
+
+def journal_sender():  # type: ignore[no-untyped-def]
+    """A function that sends a record with fields to the journal, or None outside systemd."""
+    if not os.environ.get("JOURNAL_STREAM") and not os.environ.get("INVOCATION_ID"):
+        return None
+    try:
+        from systemd import journal
+    except ImportError:
+        return None
+
+    def send(message: str, priority: int, fields: dict[str, str]) -> None:
+        extra = {k: v for k, v in fields.items() if v}
+        journal.send(message, PRIORITY=str(priority), SYSLOG_IDENTIFIER="superd", **extra)
+    return send

@@ -1,0 +1,179 @@
+"""Read YAML into plain values while remembering the line of every value.
+
+PyYAML's `safe_load` forgets where things came from, and `superd check` must name the line of
+each mistake. So we compose the node graph ourselves and convert it, recording for every path
+(("services", "echo", "listen") ...) the line its value starts on. Converting by hand also lets
+us bound the work: aliases are expanded under a node budget (a "billion laughs" table is refused
+instead of eating memory) and nesting is capped (instead of a RecursionError traceback).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+from yaml.constructor import SafeConstructor
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+MAX_NODES = 100_000  # values after alias expansion; a real table has a few hundred
+MAX_DEPTH = 64
+MAX_BYTES = 4 * 1024 * 1024
+
+Path = tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One mistake, printed as `FILE:LINE: FIELD: message` (SPEC §1)."""
+
+    file: str
+    line: int | None
+    where: str
+    message: str
+
+    def __str__(self) -> str:
+        loc = self.file if self.line is None else f"{self.file}:{self.line}"
+        return f"{loc}: {self.where}: {self.message}" if self.where else f"{loc}: {self.message}"
+
+
+class TableError(Exception):
+    """Raised with every problem found, so they can all be reported at once."""
+
+    def __init__(self, problems: list[Problem]):
+        super().__init__("\n".join(str(p) for p in problems))
+        self.problems = problems
+
+
+@dataclass
+class Document:
+    """A loaded YAML file: its value and the line of every path in it."""
+
+    file: str
+    value: Any
+    lines: dict[Path, int] = field(default_factory=dict)
+
+    def line(self, path: Path) -> int:
+        """The line of `path`, or of its nearest ancestor that has one."""
+        while path:
+            if path in self.lines:
+                return self.lines[path]
+            path = path[:-1]
+        return self.lines.get((), 1)
+
+    def problem(self, path: Path, message: str) -> Problem:
+        return Problem(self.file, self.line(path), dotted(path), message)
+
+
+def dotted(path: Path) -> str:
+    """("services", "echo", "listen", 0) -> "services.echo.listen[0]"."""
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def check_owner(file: str) -> str | None:
+    """When running as root, refuse files others could write (as sshd's StrictModes does)."""
+    if os.geteuid() != 0:
+        return None
+    st = os.stat(file)
+    if st.st_uid != 0 or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return (
+            f"writable by someone other than root (owner uid {st.st_uid}, "
+            f"mode {stat.S_IMODE(st.st_mode):04o}); refusing it while running as root"
+        )
+    return None
+
+
+def load(file: str) -> Document:
+    """Read and convert one YAML file; raise TableError naming the file and line."""
+    try:
+        unsafe = check_owner(file)
+        if unsafe:
+            raise TableError([Problem(file, None, "", unsafe)])
+        with open(file, "rb") as f:
+            data = f.read(MAX_BYTES + 1)
+    except OSError as e:
+        raise TableError([Problem(file, None, "", f"cannot read: {e.strerror}")]) from None
+    if len(data) > MAX_BYTES:
+        raise TableError([Problem(file, None, "", f"larger than {MAX_BYTES} bytes")])
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise TableError([Problem(file, None, "", f"not UTF-8: {e.reason}")]) from None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = mark.line + 1 if mark else None
+        raise TableError([Problem(file, line, "", f"YAML: {e.problem or e.context}")]) from None
+    except yaml.YAMLError as e:
+        raise TableError([Problem(file, None, "", f"YAML: {e}")]) from None
+    except RecursionError:
+        raise TableError([Problem(file, None, "", "YAML nested too deeply")]) from None
+    doc = Document(file, None)
+    if root is None:
+        return doc
+    converter = _Converter(doc)
+    try:
+        doc.value = converter.convert(root, ())
+    except _Refused as e:
+        raise TableError([Problem(file, e.line, "", e.message)]) from None
+    if converter.problems:
+        raise TableError(converter.problems)
+    return doc
+
+
+class _Refused(Exception):
+    def __init__(self, line: int, message: str):
+        self.line, self.message = line, message
+
+
+class _Converter:
+    """Turn a node graph into dicts, lists and scalars under a size and depth budget."""
+
+    def __init__(self, doc: Document):
+        self.doc = doc
+        self.budget = MAX_NODES
+        self.constructor = SafeConstructor()
+        self.problems: list[Problem] = []
+
+    def convert(self, node: Node, path: Path, depth: int = 0) -> Any:
+        line = node.start_mark.line + 1
+        self.budget -= 1
+        if self.budget < 0:
+            raise _Refused(line, f"more than {MAX_NODES} values (an alias bomb?)")
+        if depth > MAX_DEPTH:
+            raise _Refused(line, f"nested deeper than {MAX_DEPTH} levels")
+        self.doc.lines[path] = line
+        if isinstance(node, ScalarNode):
+            try:
+                return self.constructor.construct_object(node)
+            except (yaml.YAMLError, ValueError, OverflowError) as e:
+                self.problems.append(Problem(self.doc.file, line, dotted(path), f"bad value: {e}"))
+                return None
+        if isinstance(node, SequenceNode):
+            return [self.convert(child, path + (i,), depth + 1)
+                    for i, child in enumerate(node.value)]
+        if isinstance(node, MappingNode):
+            out: dict[Any, Any] = {}
+            for key_node, value_node in node.value:
+                key = self.convert(key_node, path + ("<key>",), depth + 1)
+                if not isinstance(key, str | int) or isinstance(key, bool):
+                    self.problems.append(
+                        Problem(self.doc.file, key_node.start_mark.line + 1, dotted(path),
+                                "keys must be plain strings"))
+                    continue
+                key = str(key)
+                if key in out:
+                    self.problems.append(
+                        Problem(self.doc.file, key_node.start_mark.line + 1, dotted(path + (key,)),
+                                "given twice"))
+                    continue
+                out[key] = self.convert(value_node, path + (key,), depth + 1)
+            self.doc.lines.pop(path + ("<key>",), None)
+            return out
+        raise _Refused(line, f"unsupported YAML node {type(node).__name__}")
