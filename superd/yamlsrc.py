@@ -161,13 +161,14 @@ class _Converter:
         if isinstance(node, MappingNode):
             out: dict[Any, Any] = {}
             for key_node, value_node in node.value:
-                key = self.convert(key_node, path + ("<key>",), depth + 1)
-                if not isinstance(key, str | int) or isinstance(key, bool):
+                # Keys are names (services, fields): take them as written, so that a service
+                # called `off`, `yes` or `123` is not turned into a boolean or a number.
+                if not isinstance(key_node, ScalarNode):
                     self.problems.append(
                         Problem(self.doc.file, key_node.start_mark.line + 1, dotted(path),
                                 "keys must be plain strings"))
                     continue
-                key = str(key)
+                key = key_node.value
                 if key in out:
                     self.problems.append(
                         Problem(self.doc.file, key_node.start_mark.line + 1, dotted(path + (key,)),
