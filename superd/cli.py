@@ -32,6 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     status = sub.add_parser("status", help="live per-service counters")
     status.add_argument("-c", "--config")
     status.add_argument("--json", action="store_true")
+    imp = sub.add_parser("import", help="translate inetd.conf or xinetd config to YAML on stdout")
+    imp.add_argument("kind", choices=("inetd", "xinetd"))
+    imp.add_argument("file")
+    imp.add_argument("--check", action="store_true",
+                     help="also run the result through the validator; exit 1 if it would not load")
     args = parser.parse_args(argv)
     if args.command == "run" and args.pidfile and not args.daemon:
         parser.error("--pidfile goes with --daemon")
@@ -146,5 +151,10 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 0 if _ask(args, "stop") is not None else 1
 
 
-COMMANDS = {"run": cmd_run, "check": cmd_check, "status": cmd_status, "reload": cmd_reload,
-            "stop": cmd_stop}
+def cmd_import(args: argparse.Namespace) -> int:
+    from superd.importer import run_import
+    return run_import(args.kind, args.file, check=args.check)
+
+
+COMMANDS = {"import": cmd_import, "run": cmd_run, "check": cmd_check, "status": cmd_status,
+            "reload": cmd_reload, "stop": cmd_stop}

@@ -50,6 +50,7 @@ class Session:
         self.loop, self.sock, self.done = loop, sock, done
         self.closed = False
         self.peer = ""
+        self.started = time.monotonic()
         self.bytes_in = self.bytes_out = 0
         sock.setblocking(False)
         loop.add(sock, self.events, self.ready)

@@ -8,17 +8,18 @@ ones. Whether a listener is polled is decided in one place, `poll()`.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import time
 from functools import partial
 
 from superd.children import Child
-from superd.config import Table, TableError, load_table
+from superd.config import Service, Table, TableError, load_table
 from superd.control import ControlSocket
-from superd.listeners import Listener
+from superd.listeners import Address, Listener
 from superd.log import Log
-from superd.loop import READ, Loop
+from superd.loop import READ, Loop, Timer
 from superd.service import ServiceRuntime
 from superd.spawn import HANDLED_SIGNALS
 from superd.systemd import Notifier
@@ -28,6 +29,16 @@ KILL_AFTER_TERM = 2.0  # `timeout`: SIGKILL this long after SIGTERM (SPEC §2)
 
 class BindError(Exception):
     pass
+
+
+def _bind_error(svc: Service, addr: Address, e: OSError) -> str:
+    return f"services.{svc.name}.listen: cannot bind {addr}: {e.strerror} ({svc.where})"
+
+
+def _in_the_way(going: dict[tuple, Listener], svc: Service, addr: Address) -> bool:
+    """Is one of the sockets this reload gives up bound over `addr`, for the same kind?"""
+    return any(lst.address is not None and lst.stream == svc.stream and lst.address.overlaps(addr)
+               for lst in going.values())
 
 
 class Server:
@@ -44,6 +55,7 @@ class Server:
         self.stopping = False
         self.max_children = table.settings.max_children
         self.control: ControlSocket | None = None
+        self.status_timer: Timer | None = None
 
     # -- main loop --------------------------------------------------------------------------
 
@@ -66,6 +78,7 @@ class Server:
                              "superd status/reload/stop will not reach this daemon")
         self.log.info(f"started: {len(self.services)} services, pid {os.getpid()}")
         self.notifier.notify("READY=1")
+        self.send_status()
         self.watchdog()
 
     def run(self) -> None:
@@ -108,28 +121,76 @@ class Server:
     # -- listeners --------------------------------------------------------------------------
 
     def bind(self, table: Table) -> dict[tuple, Listener]:
-        """Listeners for `table`: reused from the pool where the address is the same."""
+        """Listeners for `table`: reused from the pool where the address is the same.
+
+        New addresses are bound while the old sockets still serve. Only an address that
+        overlaps an old one going away (`7` becoming `0.0.0.0:7`) cannot be: the kernel
+        refuses both at once. Those are bound last, right after closing what is in the way,
+        and if that still fails the old sockets are bound again and the reload refused.
+        """
         pool: dict[tuple, Listener] = {}
-        for svc in table.enabled:
-            if svc.name in self.passed:
-                continue
-            for addr in svc.listen:
-                key = addr.key(svc.protocol)
-                listener = self.pool.get(key)
-                try:
-                    if listener is None:
-                        listener = Listener.bind(addr, svc.protocol, svc.backlog)
-                    elif listener.stream and svc.backlog != listener.backlog:
-                        listener.sock.listen(svc.backlog)
-                except OSError as e:
-                    for k, new in pool.items():
-                        if k not in self.pool:
-                            new.close()
-                    raise BindError(f"services.{svc.name}.listen: cannot bind {addr}: "
-                                    f"{e.strerror} ({svc.where})") from None
-                listener.backlog = svc.backlog
-                pool[key] = listener
+        deferred: list[tuple[Service, Address]] = []
+        wanted = {a.key(s.protocol) for s in table.enabled if s.name not in self.passed
+                  for a in s.listen}
+        going = {k: lst for k, lst in self.pool.items() if k not in wanted}
+        try:
+            for svc in table.enabled:
+                if svc.name in self.passed:
+                    continue
+                for addr in svc.listen:
+                    try:
+                        pool[addr.key(svc.protocol)] = self._listener(svc, addr)
+                    except OSError as e:
+                        if e.errno == errno.EADDRINUSE and _in_the_way(going, svc, addr):
+                            deferred.append((svc, addr))
+                        else:
+                            raise BindError(_bind_error(svc, addr, e)) from None
+            if deferred:
+                self._rebind_over(going, deferred, pool)
+        except BindError:
+            for key, listener in pool.items():
+                if key not in self.pool:
+                    listener.close()
+            raise
         return pool
+
+    def _listener(self, svc: Service, addr: Address) -> Listener:
+        listener = self.pool.get(addr.key(svc.protocol))
+        if listener is None:
+            listener = Listener.bind(addr, svc.protocol, svc.backlog)
+        elif listener.stream and svc.backlog != listener.backlog:
+            listener.sock.listen(svc.backlog)
+        listener.backlog = svc.backlog
+        return listener
+
+    def _rebind_over(self, going: dict[tuple, Listener], deferred: list[tuple[Service, Address]],
+                     pool: dict[tuple, Listener]) -> None:
+        """Close the old sockets in the way of `deferred`, bind those; undo on failure."""
+        closed = {k: lst for k, lst in going.items()
+                  if any(_in_the_way({k: lst}, svc, addr) for svc, addr in deferred)}
+        for key, listener in closed.items():
+            self.loop.remove(listener.sock)
+            listener.close()
+            del self.pool[key]
+        try:
+            for svc, addr in deferred:
+                pool[addr.key(svc.protocol)] = self._listener(svc, addr)
+                self.log.info(f"{svc.name}: {addr} overlaps an address given up by this reload; "
+                              "closed the old socket first")
+        except OSError as e:
+            for key in [k for k in pool if k not in self.pool]:
+                pool.pop(key).close()  # first free the addresses, then
+            for key, old in closed.items():  # put the old sockets back, as far as we can
+                try:
+                    again = Listener.bind(old.address, old.protocol, old.backlog)
+                except OSError:
+                    continue
+                again.owner, again.backlog = old.owner, old.backlog
+                self.pool[key] = again
+                if old.owner is not None:
+                    old.owner.listeners = [again if x is old else x for x in old.owner.listeners]
+                self.poll(again)
+            raise BindError(_bind_error(svc, addr, e)) from None
 
     def install(self, table: Table, pool: dict[tuple, Listener]) -> None:
         """Switch to `table` and `pool`: close what is gone, hand listeners to services."""
@@ -240,6 +301,7 @@ class Server:
                                               ("changed", changed)) if names]
         self.log.info("reloaded: " + "; ".join(parts))
         self.notifier.notify("READY=1")
+        self.send_status()
 
     def stop(self) -> None:
         """SIGTERM/SIGINT: stop listening, SIGTERM handlers, SIGKILL after shutdown_grace."""
@@ -263,6 +325,20 @@ class Server:
     def kill_all(self) -> None:
         for child in list(self.children.values()):
             self.signal_group(child, signal.SIGKILL)
+
+    def touch(self) -> None:
+        """Counts changed: under systemd, send STATUS= within a second (not per connection)."""
+        if self.status_timer is None and self.notifier.enabled:
+            self.status_timer = self.loop.call_later(1.0, self.send_status)
+
+    def send_status(self) -> None:
+        self.status_timer = None
+        served = sum(rt.accepted for rt in self.services.values())
+        refused = sum(sum(rt.refused.values()) for rt in self.services.values())
+        paused = sum(1 for rt in self.services.values() if rt.paused)
+        self.notifier.notify(f"STATUS={len(self.services)} services, {len(self.children)} "
+                             f"handlers running, {served} served, {refused} refused"
+                             + (f", {paused} paused" if paused else ""))
 
     def watchdog(self) -> None:
         if self.notifier.watchdog and not self.stopping:

@@ -97,6 +97,7 @@ class ServiceRuntime:
             conn.close()
             return
         self.accepted += 1
+        self.server.touch()
         if self.builtin is not None:
             self.start_session(conn, peer)
         else:
@@ -105,6 +106,7 @@ class ServiceRuntime:
 
     def refuse(self, reason: str, peer: str) -> None:
         self.refused[reason] += 1
+        self.server.touch()
         host = f" from={peer}" if "host" in self.config.log_on_failure and peer else ""
         self.log.warning(f"FAIL: {self.name} {reason}{host}",
                          SUPERD_SERVICE=self.name, REMOTE_ADDR=peer)
@@ -124,6 +126,11 @@ class ServiceRuntime:
     def session_done(self, session: Session) -> None:
         self.sessions.discard(session)
         self.limits.freed(session.peer)
+        if "traffic" in self.config.log_on_success:
+            self.log.info(f"EXIT: {self.name} status=0 pid=0 duration="
+                          f"{int(time.monotonic() - session.started)}(sec) "
+                          f"in={session.bytes_in}(bytes) out={session.bytes_out}(bytes)",
+                          SUPERD_SERVICE=self.name, REMOTE_ADDR=session.peer)
 
     def datagrams(self, listener: Listener) -> None:
         """Answer queued datagrams until the socket is empty (or a batch is done)."""
@@ -195,6 +202,7 @@ class ServiceRuntime:
     def exited(self, child: Child, status: int) -> None:
         """The loop reaped `child`: log it, free its slot."""
         self.children.discard(child)
+        self.server.touch()
         child.cancel_timers()
         failure = spawn.exec_failure(child.status_fd)
         duration = time.monotonic() - child.started
