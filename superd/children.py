@@ -27,6 +27,7 @@ class Child:
     listener: Listener | None = None  # set for wait handlers: the socket they hold
     timers: list[Timer] = field(default_factory=list)
     timed_out: bool = False
+    failure: str | None = None  # why it could not start, once the status pipe said so
 
     def cancel_timers(self) -> None:
         for t in self.timers:
@@ -48,6 +49,8 @@ class StderrLines:
         loop.add(fd, READ, self.ready)
 
     def ready(self, mask: int) -> None:
+        if self.fd < 0:
+            return  # closed earlier in this batch of events
         try:
             data = os.read(self.fd, 65536)
         except BlockingIOError:
@@ -59,6 +62,7 @@ class StderrLines:
                 self._emit(self.partial)
             self.loop.remove(self.fd)
             os.close(self.fd)
+            self.fd = -1
             return
         lines = (self.partial + data).split(b"\n")
         self.partial = lines.pop()

@@ -11,7 +11,7 @@ import os
 import socket
 import sys
 
-from superd import __version__, control, spawn
+from superd import __version__, control
 from superd.config import Table, load_table, table_path
 from superd.listeners import Listener
 from superd.yamlsrc import TableError
@@ -76,7 +76,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         code = detach(args.pidfile)
         if code is not None:
             return code
-    spawn.raise_nofile_limit()
     log = Log(table.settings)
     log.journal = journal_sender()
     passed = {name: [Listener(None, _protocol_of(s), s, passed=True) for s in socks]

@@ -14,6 +14,7 @@ import socket
 import struct
 import time
 from collections import Counter
+from functools import partial
 from typing import TYPE_CHECKING
 
 from superd import spawn
@@ -22,6 +23,7 @@ from superd.config import Service
 from superd.internal import BUILTINS, Session
 from superd.limits import Limits
 from superd.listeners import Listener, plain_ip
+from superd.loop import READ
 
 if TYPE_CHECKING:
     from superd.server import Server
@@ -176,6 +178,7 @@ class ServiceRuntime:
             self.limits.freed(peer)
             return
         child = Child(started.pid, self, peer, started.status)
+        self.loop.add(started.status, READ, partial(self.status_ready, child))
         if started.stderr >= 0:
             StderrLines(self.loop, self.log, started.stderr, self.name, started.pid)
         self.children.add(child)
@@ -187,6 +190,14 @@ class ServiceRuntime:
             child.timers.append(self.loop.call_later(self.config.timeout,
                                                      lambda: self.server.overrun(child)))
         self.log_start(child.pid, peer)
+
+    def status_ready(self, child: Child, mask: int) -> None:
+        """The exec-status pipe closed (exec worked) or says why it failed: keep no fd open."""
+        if child.status_fd < 0:
+            return  # already read when the child was reaped earlier in this batch
+        self.loop.remove(child.status_fd)
+        child.failure = spawn.exec_failure(child.status_fd)
+        child.status_fd = -1
 
     def log_start(self, pid: int, peer: str) -> None:
         opts = self.config.log_on_success
@@ -204,7 +215,11 @@ class ServiceRuntime:
         self.children.discard(child)
         self.server.touch()
         child.cancel_timers()
-        failure = spawn.exec_failure(child.status_fd)
+        failure = child.failure
+        if child.status_fd >= 0:  # reaped before the loop saw the pipe
+            self.loop.remove(child.status_fd)
+            failure = spawn.exec_failure(child.status_fd)
+            child.status_fd = -1
         duration = time.monotonic() - child.started
         if failure is not None:
             self.log.error(f"{self.name}: cannot start handler: {failure}")

@@ -8,6 +8,7 @@ that is read when the child is reaped, so a slow exec never stalls the loop.
 
 from __future__ import annotations
 
+import _posixsubprocess
 import fcntl
 import os
 import resource
@@ -24,26 +25,29 @@ STANDARD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
 RESET_SIGNALS = HANDLED_SIGNALS + (signal.SIGPIPE, signal.SIGXFSZ)  # Python ignores those two
 EXEC_FAILED = 127
+# Set by the connection, never by `env`: a duplicate name in execve's environment is ambiguous.
+CONNECTION_VARS = frozenset({
+    "PROTO", "TCPREMOTEIP", "TCPREMOTEPORT", "TCPLOCALIP", "TCPLOCALPORT", "REMOTE_ADDR",
+    "REMOTE_PORT", "REMOTE_HOST", "UNIXREMOTEEUID", "UNIXREMOTEEGID", "UNIXREMOTEPID",
+    "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"})
 _devnull = -1
-_nofile_soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]  # what handlers get back
-_fd_ceiling = _nofile_soft  # no fd of ours is above this
-
-
-def raise_nofile_limit() -> None:
-    """Lift superd's own soft fd limit to the hard one; handlers get the old soft limit back."""
-    global _fd_ceiling
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and hard > soft:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        _fd_ceiling = hard
 
 
 @dataclass(frozen=True)
 class Prepared:
-    """Per-service spawning data computed once at load."""
+    """Per-service spawning data computed once at load.
+
+    `fast` services (exec, nowait, no nice, no rlimits) are started by CPython's C fork_exec,
+    which uses vfork where it can and never runs Python code in the child: no copy of the
+    interpreter's pages is touched. The rest fork in Python (`_child`).
+    """
 
     service: Service
     base_env: dict[str, str]
+    fast: bool
+    argv: tuple[bytes, ...]
+    program: tuple[bytes, ...]
+    env_list: tuple[bytes, ...]
 
 
 def prepare(service: Service, environ: dict[str, str]) -> Prepared:
@@ -52,7 +56,12 @@ def prepare(service: Service, environ: dict[str, str]) -> Prepared:
         if name in environ:
             env[name] = environ[name]
     env.update(service.env)
-    return Prepared(service, env)
+    for name in CONNECTION_VARS & env.keys():
+        del env[name]
+    fast = bool(service.argv) and not service.wait and not service.nice and not service.rlimits
+    return Prepared(service, env, fast, tuple(os.fsencode(a) for a in service.argv),
+                    (os.fsencode(service.program),) if service.program else (),
+                    tuple(f"{k}={v}".encode() for k, v in env.items()))
 
 
 @dataclass
@@ -66,13 +75,21 @@ def spawn(prep: Prepared, sock: socket.socket, env: dict[str, str], wait: bool) 
     """Fork a handler for `sock` (a connection, or the listener itself when `wait`)."""
     global _devnull
     svc = prep.service
-    env = {**prep.base_env, **env}
     if _devnull < 0:
         _devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     status_r, status_w = os.pipe2(os.O_CLOEXEC)
     err_r = err_w = -1
     if svc.stderr == "log":
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    if prep.fast:
+        try:
+            pid = _fork_exec(prep, sock.fileno(), env, status_r, status_w, err_w)
+        finally:
+            os.close(status_w)
+            if err_w >= 0:
+                os.close(err_w)
+        return Started(pid, err_r, status_r)
+    env = {**prep.base_env, **env}
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
     try:
         pid = os.fork()
@@ -95,13 +112,37 @@ def spawn(prep: Prepared, sock: socket.socket, env: dict[str, str], wait: bool) 
     return Started(pid, err_r, status_r)
 
 
+def _fork_exec(prep: Prepared, fd: int, env: dict[str, str], status_r: int, status_w: int,
+               err_w: int) -> int:
+    svc = prep.service
+    stderr = {"log": err_w, "socket": fd, "null": _devnull}[svc.stderr]
+    env_list = [*prep.env_list, *(f"{k}={v}".encode() for k, v in env.items())]
+    groups = list(svc.groups) if svc.groups is not None and os.geteuid() == 0 else None
+    return _posixsubprocess.fork_exec(
+        prep.argv, prep.program, True, (status_w,), svc.cwd, env_list,
+        fd, -1, -1, fd, -1, stderr, status_r, status_w,
+        True, False, 0,  # restore_signals, no setsid, setpgid(0, 0): its own process group
+        svc.gid, groups, svc.uid, -1 if svc.umask is None else svc.umask, None, True)
+
+
 def exec_failure(status_fd: int) -> str | None:
-    """After the child is gone: why it could not start, or None if it did."""
+    """Why the child could not start, or None if it did (the pipe closed on exec).
+
+    Our own child writes `Type: reason`; CPython's fork_exec writes `OSError:<hex errno>:...`.
+    """
     try:
         data = os.read(status_fd, 4096)
     except OSError:
         data = b""
     os.close(status_fd)
+    if data.startswith(b"OSError:"):
+        _, code, where = (data.decode("ascii", "replace").split(":", 2) + ["", ""])[:3]
+        try:
+            reason = os.strerror(int(code, 16))
+        except ValueError:
+            reason = "unknown error"
+        where = where.replace("noexec", "").strip(":")
+        return f"OSError: {reason}" + (f" (in {where})" if where else "")
     return data.decode("utf-8", "replace") or None
 
 
@@ -124,7 +165,7 @@ def _child(prep: Prepared, sock: socket.socket, env: dict[str, str], wait: bool,
             os.dup2(src, target, inheritable=True)
         status_w = len(wanted)  # close-on-exec: it closes by itself when exec succeeds
         os.dup2(high[-1], status_w, inheritable=False)
-        os.closerange(status_w + 1, max(_fd_ceiling, max(high)) + 1)
+        os.closerange(status_w + 1, max(os.sysconf("SC_OPEN_MAX"), max(high)) + 1)
         if wait:
             env["LISTEN_FDS"] = "1"
             env["LISTEN_PID"] = str(os.getpid())
@@ -143,11 +184,7 @@ def _child(prep: Prepared, sock: socket.socket, env: dict[str, str], wait: bool,
 
 
 def _set_limits_and_identity(svc: Service) -> None:
-    limits = dict(svc.rlimits)
-    if "nofile" not in limits:
-        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(_nofile_soft, hard), hard))
-    for name, value in limits.items():
+    for name, value in svc.rlimits:
         resource.setrlimit(RLIMITS[name], (value, value))
     if svc.nice:
         os.setpriority(os.PRIO_PROCESS, 0, svc.nice)
