@@ -46,14 +46,19 @@ class Session:
 
     events = READ
 
-    def __init__(self, loop: Loop, sock: socket.socket, done: Callable[[Session], None]):
-        self.loop, self.sock, self.done = loop, sock, done
+    def __init__(self, loop: Loop, sock: socket.socket, done: Callable[[Session], None],
+                 peer: str):
+        self.loop, self.sock, self.done, self.peer = loop, sock, done, peer
         self.closed = False
-        self.peer = ""
         self.started = time.monotonic()
         self.bytes_in = self.bytes_out = 0
-        sock.setblocking(False)
-        loop.add(sock, self.events, self.ready)
+
+    def start(self) -> None:
+        """Begin serving; the owner has recorded the session by now, as `done` may come at once."""
+        self.sock.setblocking(False)
+        self.loop.add(self.sock, self.events, self.ready)
+        if self.events & READ:
+            self.ready(READ)  # the client's bytes are often here already: save a poll
 
     def ready(self, mask: int) -> None:
         if self.closed:
@@ -95,6 +100,7 @@ class Echo(Session):
     def __init__(self, *args: object):
         self.pending = bytearray()
         self.eof = False
+        self.watching = READ
         super().__init__(*args)  # type: ignore[arg-type]
 
     def readable(self) -> None:
@@ -122,7 +128,9 @@ class Echo(Session):
             return
         events = (0 if self.eof or len(self.pending) >= MAX_PENDING else READ) | (
             WRITE if self.pending else 0)
-        self.loop.modify(self.sock, events, self.ready)
+        if events != self.watching:
+            self.watching = events
+            self.loop.modify(self.sock, events, self.ready)
 
 
 class Discard(Session):
@@ -142,15 +150,27 @@ class Chargen(Session):
         self.offset = (self.offset + sent) % len(CHARGEN)
 
 
-def _answer_once(reply: Callable[[], bytes]) -> Callable[..., None]:
-    """Daytime and time: send the answer, close, done."""
-    def start(loop: Loop, sock: socket.socket, done: Callable[[object], None]) -> None:
+class Answer(Session):
+    """Daytime and time: send the answer, close, done. No polling at all."""
+
+    reply: Callable[[], bytes] = staticmethod(bytes)
+
+    def start(self) -> None:
         try:
-            sock.send(reply())
+            self.bytes_out = self.sock.send(self.reply())
         except OSError:
             pass
-        sock.close()
-    return start
+        self.closed = True
+        self.sock.close()
+        self.done(self)
+
+
+class Daytime(Answer):
+    reply = staticmethod(daytime_text)
+
+
+class Time(Answer):
+    reply = staticmethod(time_bytes)
 
 
 def _chargen_datagram(data: bytes) -> bytes:
@@ -164,15 +184,14 @@ class Builtin:
     """One row of the built-in table: how to serve a stream connection and a datagram."""
 
     name: str
-    stream: Callable[..., object]
+    stream: type[Session]
     datagram: Callable[[bytes], bytes | None]
-    in_loop_session: bool  # does the stream side stay registered after accept?
 
 
 BUILTINS = {b.name: b for b in (
-    Builtin("echo", Echo, lambda data: data, True),
-    Builtin("discard", Discard, lambda data: None, True),
-    Builtin("chargen", Chargen, _chargen_datagram, True),
-    Builtin("daytime", _answer_once(daytime_text), lambda data: daytime_text(), False),
-    Builtin("time", _answer_once(time_bytes), lambda data: time_bytes(), False),
+    Builtin("echo", Echo, lambda data: data),
+    Builtin("discard", Discard, lambda data: None),
+    Builtin("chargen", Chargen, _chargen_datagram),
+    Builtin("daytime", Daytime, lambda data: daytime_text()),
+    Builtin("time", Time, lambda data: time_bytes()),
 )}

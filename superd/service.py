@@ -92,7 +92,7 @@ class ServiceRuntime:
             self.connection(conn, addr, listener)
 
     def connection(self, conn: socket.socket, addr: object, listener: Listener) -> None:
-        peer, env = peer_env(conn, addr, listener)
+        peer = peer_of(conn, addr)
         reason = self.limits.admit(peer)
         if reason is not None:
             self.refuse(reason, peer)
@@ -103,7 +103,7 @@ class ServiceRuntime:
         if self.builtin is not None:
             self.start_session(conn, peer)
         else:
-            self.start_handler(conn, peer, env, None)
+            self.start_handler(conn, peer, handler_env(conn, addr, peer, listener), None)
             conn.close()
 
     def refuse(self, reason: str, peer: str) -> None:
@@ -117,13 +117,9 @@ class ServiceRuntime:
 
     def start_session(self, conn: socket.socket, peer: str) -> None:
         self.log_start(0, peer)
-        if self.builtin.in_loop_session:
-            session = self.builtin.stream(self.loop, conn, self.session_done)
-            session.peer = peer
-            self.sessions.add(session)
-        else:
-            self.builtin.stream(self.loop, conn, self.session_done)
-            self.limits.freed(peer)
+        session = self.builtin.stream(self.loop, conn, self.session_done, peer)
+        self.sessions.add(session)
+        session.start()
 
     def session_done(self, session: Session) -> None:
         self.sessions.discard(session)
@@ -250,22 +246,33 @@ class ServiceRuntime:
             session.close()
 
 
-def peer_env(conn: socket.socket, addr: object, listener: Listener) -> tuple[str, dict[str, str]]:
-    """The peer as logged, and the connection's part of the handler environment (SPEC §3)."""
-    if conn.family == socket.AF_UNIX:
-        pid, uid, gid = struct.unpack("3i", conn.getsockopt(
-            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
-        return f"uid:{uid}", {"PROTO": "UNIX", "UNIXREMOTEEUID": str(uid),
-                              "UNIXREMOTEEGID": str(gid), "UNIXREMOTEPID": str(pid)}
-    ip, port = addr[0], addr[1]  # type: ignore[index]
-    ip = plain_ip(ip)
+def peer_of(conn: socket.socket, addr: object) -> str:
+    """The peer as logged and limited: its IP (IPv4-mapped shown as IPv4), or uid:N on unix."""
+    if isinstance(addr, tuple):
+        return plain_ip(addr[0])
+    pid, uid, gid = _peercred(conn)
+    return f"uid:{uid}"
+
+
+def _peercred(conn: socket.socket) -> tuple[int, int, int]:
+    return struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                               struct.calcsize("3i")))
+
+
+def handler_env(conn: socket.socket, addr: object, peer: str,
+                listener: Listener) -> dict[str, str]:
+    """The connection's part of the handler environment (SPEC §3)."""
+    if not isinstance(addr, tuple):
+        pid, uid, gid = _peercred(conn)
+        return {"PROTO": "UNIX", "UNIXREMOTEEUID": str(uid), "UNIXREMOTEEGID": str(gid),
+                "UNIXREMOTEPID": str(pid)}
     local = listener.address
     if local is not None and local.host not in ("0.0.0.0", "::"):
         lip, lport = local.host, local.port
     else:
         lip, lport = conn.getsockname()[:2]
         lip = plain_ip(lip)
-    return ip, _ip_env("TCP", ip, port, lip, lport)
+    return _ip_env("TCP", peer, addr[1], lip, lport)
 
 
 def _ip_env(proto: str, ip: str, port: int, lip: str, lport: int) -> dict[str, str]:
