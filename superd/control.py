@@ -72,7 +72,10 @@ class ControlSocket:
         if command == "status":
             return self.server.status()
         if command == "reload":
-            self.server.reload()
+            problems = self.server.reload()
+            if problems:
+                return {"error": "reload refused, the running table stays:\n"
+                                 + "\n".join(problems)}
             return {"ok": True}
         if command == "stop":
             self.server.loop.call_later(0, self.server.stop)

@@ -19,6 +19,7 @@ from superd.config import Settings
 
 ERR, WARNING, INFO = _syslog.LOG_ERR, _syslog.LOG_WARNING, _syslog.LOG_INFO
 RETRY_SECONDS = 1.0
+JOURNALD_SYSLOG = "/run/systemd/journal/dev-log"  # where /dev/log points when journald owns it
 
 
 def facility_code(name: str) -> int:
@@ -45,6 +46,7 @@ class Log:
             self.sock = None
             self.next_try = 0.0
         self.address = address
+        self.journal_owns_syslog = os.path.realpath(address) == JOURNALD_SYSLOG
         self.facility = facility_code(settings.syslog_facility)
         self.ident = settings.syslog_ident
         self.pid = os.getpid()
@@ -64,6 +66,9 @@ class Log:
         if second != self.stamp_second:
             self.stamp_second = second
             self.stamp = time.strftime("%b %e %H:%M:%S", time.localtime(now))
+        if self.journal is not None and self.journal_owns_syslog:
+            self.journal(message, severity, fields)  # /dev/log is journald: say it once
+            return
         if self.sock is None and time.monotonic() >= self.next_try:
             self._connect()
         if self.sock is not None:

@@ -92,7 +92,7 @@ class Server:
         getattr(self, f"handle_{name}")()
 
     def handle_hup(self) -> None:
-        self.reload()
+        self.reload()  # problems, if any, are in the log
 
     def handle_term(self) -> None:
         self.stop()
@@ -273,23 +273,23 @@ class Server:
 
     # -- reload and stop --------------------------------------------------------------------
 
-    def reload(self) -> None:
-        """SIGHUP: validate the new table whole, then switch; a bad one changes nothing."""
+    def reload(self) -> list[str]:
+        """SIGHUP: validate the new table whole, then switch; a bad one changes nothing.
+
+        Returns the problems that kept the new table out (empty when it was taken).
+        """
         if self.stopping:
-            return
+            return ["superd is stopping"]
         self.notifier.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
         try:
             table = load_table(self.table.path)
             pool = self.bind(table)
-        except TableError as e:
-            for problem in e.problems:
+        except (TableError, BindError) as e:
+            problems = [str(p) for p in e.problems] if isinstance(e, TableError) else [str(e)]
+            for problem in problems:
                 self.log.error(f"reload refused, keeping the running table: {problem}")
             self.notifier.notify("READY=1")
-            return
-        except BindError as e:
-            self.log.error(f"reload refused, keeping the running table: {e}")
-            self.notifier.notify("READY=1")
-            return
+            return problems
         old = {s.name: s for s in self.table.enabled}
         new = {s.name: s for s in table.enabled}
         added = sorted(new.keys() - old.keys())
@@ -302,6 +302,7 @@ class Server:
         self.log.info("reloaded: " + "; ".join(parts))
         self.notifier.notify("READY=1")
         self.send_status()
+        return []
 
     def stop(self) -> None:
         """SIGTERM/SIGINT: stop listening, SIGTERM handlers, SIGKILL after shutdown_grace."""

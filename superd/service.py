@@ -109,6 +109,8 @@ class ServiceRuntime:
     def refuse(self, reason: str, peer: str) -> None:
         self.refused[reason] += 1
         self.server.touch()
+        if not self.config.log_on_failure:
+            return  # log_on_failure: [] keeps FAIL lines out of the log; the count stays
         host = f" from={peer}" if "host" in self.config.log_on_failure and peer else ""
         self.log.warning(f"FAIL: {self.name} {reason}{host}",
                          SUPERD_SERVICE=self.name, REMOTE_ADDR=peer)
