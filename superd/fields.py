@@ -293,6 +293,11 @@ def whole_service(values: dict[str, Any], ctx: Context) -> dict[str, Any]:
     elif protocol in ("udp", "unix-dgram") and not out.get("wait"):
         raise FieldError(("wait", "protocol"), f"protocol {protocol} with wait: false is only "
                                                "for internal services; use wait: true")
+    if out.get("wait") and protocol in ("tcp", "unix"):
+        for key in ("only_from", "no_access", "per_source"):
+            if out.get(key):
+                raise FieldError(key, f"{key} cannot apply to a wait: true stream service: its "
+                                      "handler accepts the connections, superd never sees them")
     if out.get("argv"):
         program = out.get("program") or out["argv"][0]
         if not program.startswith("/"):

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 ACCEPT_BATCH = 64  # connections per wake-up per listener; the rest wait for the next turn
 DATAGRAM_BATCH = 256
+WAIT_RETRY = 0.1  # a wait service over a limit looks again this much later
 FD_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 PROTO = {socket.AF_INET: "TCP", socket.AF_INET6: "TCP", socket.AF_UNIX: "UNIX"}
 
@@ -160,8 +161,11 @@ class ServiceRuntime:
         reason = self.limits.admit(peer)
         if reason is not None:
             self.refuse(reason, peer)
-            if not listener.stream:
-                _drop_datagram(listener.sock)
+            if reason in ("service_limit", "process_limit"):
+                # The socket stays readable: wait for room instead of asking again at once.
+                self.limits.pause(reason, WAIT_RETRY)
+            elif not listener.stream:
+                _drop_datagram(listener.sock)  # a datagram from a refused address
             return
         self.accepted += 1
         self.start_handler(listener.sock, peer, env, listener)
