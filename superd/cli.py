@@ -11,8 +11,8 @@ import os
 import socket
 import sys
 
-from superd import __version__, control
-from superd.config import Table, load_table, table_path
+from superd import __version__, control, yamlsrc
+from superd.config import Settings, Table, load_table, table_path
 from superd.listeners import Listener
 from superd.yamlsrc import TableError
 
@@ -106,12 +106,28 @@ def _ensure_std_fds() -> None:
             os.open(os.devnull, os.O_RDWR)
 
 
-def _ask(args: argparse.Namespace, command: str) -> dict | None:
-    path = table_path(args.config)
-    table = _load(path, sys.stderr)
-    if table is None:
+def _control_path(path: str) -> str | None:
+    """settings.control_socket of the table, read leniently: the daemon must stay reachable
+    (to stop it, or to see why a reload was refused) while the table on disk is half-edited."""
+    try:
+        return load_table(path).settings.control_socket
+    except TableError:
+        pass
+    try:
+        value = yamlsrc.load(os.path.abspath(path)).value
+    except TableError as e:
+        for problem in e.problems:
+            print(problem, file=sys.stderr)
         return None
-    sock_path = table.settings.control_socket
+    settings = value.get("settings") if isinstance(value, dict) else None
+    sock = settings.get("control_socket") if isinstance(settings, dict) else None
+    return sock if isinstance(sock, str) and sock.startswith("/") else Settings().control_socket
+
+
+def _ask(args: argparse.Namespace, command: str) -> dict | None:
+    sock_path = _control_path(table_path(args.config))
+    if sock_path is None:
+        return None
     try:
         answer = control.request(sock_path, command)
     except (OSError, ValueError) as e:
@@ -121,6 +137,8 @@ def _ask(args: argparse.Namespace, command: str) -> dict | None:
     if "error" in answer:
         print(f"superd: {answer['error']}", file=sys.stderr)
         return None
+    if command == "reload":
+        print("superd: reloaded")
     return answer
 
 

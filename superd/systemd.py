@@ -23,8 +23,12 @@ class Notifier:
                          and (not pid or pid == str(os.getpid())) else 0.0)
 
     def notify(self, message: str) -> None:
+        """Best effort: a notification lost (e.g. out of fds) must never stop the daemon."""
         if self.enabled:
-            daemon.notify(message)
+            try:
+                daemon.notify(message)
+            except OSError:
+                pass
 
 
 def passed_sockets() -> dict[str, list[socket.socket]]:

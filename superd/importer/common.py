@@ -40,6 +40,7 @@ class Entry:
     source: str  # FILE:LINE of the input
     header: list[str]  # the input text it came from, shown above it
     comments: list[str] = field(default_factory=list)  # the user's comments just above it
+    inner: list[str] = field(default_factory=list)  # the user's comments inside it
     keys: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # carried over, but behaves differently
     dropped: list[str] = field(default_factory=list)  # could not be carried over
@@ -119,7 +120,7 @@ def value_text(value: Any) -> str:
 
 def comment(text: str) -> str:
     """One comment line's text: control characters would end the comment early."""
-    return re.sub(r"[\x00-\x1f\x7f]", " ", text)
+    return re.sub(r"[\x00-\x1f\x7f]", " ", text.expandtabs(8))
 
 
 # ------------------------------------------------------------------------------------------
@@ -223,8 +224,9 @@ def render(t: Translation) -> tuple[str, list[Span]]:
             out.append(f"  {key}: {value_text(value)}")
     out.append("services:")
     for item in t.items:
-        if isinstance(item, Remark):
-            out += [f"  # {comment(line)}" if line else "  #" for line in item.lines]
+        if isinstance(item, Remark):  # the user's own comments stay as they were
+            out += [f"  {comment(line)}" if line.startswith("#") else f"  # {comment(line)}"
+                    for line in item.lines]
             continue
         out += [f"  {comment(c)}" for c in item.comments]
         out += [f"  # {item.source}: {comment(h)}" for h in item.header[:1]]
@@ -243,7 +245,8 @@ def render(t: Translation) -> tuple[str, list[Span]]:
 
 
 def _service_lines(e: Entry) -> list[str]:
-    lines = [f"  {e.name}:"]
+    lines = [f"  {scalar(e.name)}:"]  # quoted when YAML would read it as a number
+    lines += [f"    {comment(c)}" for c in e.inner]
     lines += [f"    # note: {comment(n)}" for n in e.notes]
     lines += [f"    # not carried over: {comment(d)}" for d in e.dropped]
     order = {k: i for i, k in enumerate(KEY_ORDER)}
