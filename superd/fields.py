@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import grp
 import importlib
-import importlib.util
 import ipaddress
 import os
 import pwd
 import re
 import resource
 import sys
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -131,11 +131,7 @@ def python_handler(value: Any, ctx: Context) -> dict[str, Any]:
             unsafe = os.path.exists(path) and check_owner(path)
             if unsafe:
                 raise ValueError(f"{path}: {unsafe}")
-            spec = importlib.util.spec_from_file_location(f"superd_handler_{ctx.name}", path)
-            if spec is None or spec.loader is None or not os.path.isfile(path):
-                raise ValueError(f"{path}: no such file")
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
+            module = _load_source(path, f"superd_handler_{ctx.name.replace('-', '_')}")
         else:
             if ctx.table_dir not in sys.path:
                 sys.path.append(ctx.table_dir)
@@ -148,6 +144,23 @@ def python_handler(value: Any, ctx: Context) -> dict[str, Any]:
     if not callable(function):
         raise ValueError(f"{target} has no function {func!r}")
     return {"python": value, "function": function}
+
+
+def _load_source(path: str, name: str) -> types.ModuleType:
+    """Compile FILE.py from its source every time: a reload must run what is on disk now.
+
+    (The import system's bytecode cache judges a file by mtime and size, so an edit within
+    the same second could go unseen; and it would write __pycache__ into /etc/superd.)
+    """
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        code = compile(f.read(), path, "exec", dont_inherit=True)
+    module = types.ModuleType(name)
+    module.__file__ = path
+    sys.modules[name] = module  # for dataclasses, pickling and the like inside the handler
+    exec(code, module.__dict__)
+    return module
 
 
 def user(value: Any, ctx: Context) -> dict[str, Any]:
