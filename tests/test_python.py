@@ -1,0 +1,101 @@
+"""python: handlers run in a forked child of superd, without exec."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+from superd_testlib import connect, free_port, recv_until_eof
+
+HANDLERS = r'''
+import json, os, sys
+
+def info(sock, env):
+    with open("/proc/self/cmdline", "rb") as f:
+        cmdline = f.read()
+    sock.sendall(json.dumps({
+        "pid": os.getpid(),
+        "cmdline": cmdline.decode("utf-8", "replace"),
+        "exe": os.readlink("/proc/self/exe"),
+        "executable": sys.executable,
+        "env": dict(env),
+        "sock_family": int(sock.family),
+        "peer": list(sock.getpeername()[:2]),
+    }).encode())
+    return 0
+
+def boom(sock, env):
+    sock.sendall(b"about to fail\n")
+    raise RuntimeError("boom-from-handler")
+
+def seven(sock, env):
+    sock.sendall(b"seven\n")
+    return 7
+'''
+
+
+@pytest.fixture
+def pyd(new_daemon):
+    d = new_daemon()
+    # FILE.py is relative to the table's folder: put the file next to the table
+    (d.table.parent / "handlers.py").write_text(HANDLERS)
+    ports = {n: free_port() for n in ("info", "boom", "seven")}
+    services = {n: {"listen": f"127.0.0.1:{p}", "python": f"handlers.py:{n}"}
+                for n, p in ports.items()}
+    d.start(services)
+    return d, ports
+
+
+def _talk(port: int) -> bytes:
+    with connect("127.0.0.1", port) as s:
+        s.shutdown(socket.SHUT_WR)
+        return recv_until_eof(s, 5)
+
+
+def _cmdline(pid: int) -> str:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read().decode("utf-8", "replace")
+
+
+def test_python_handler_runs_forked_without_exec(pyd):
+    d, ports = pyd
+    daemon_cmdline = _cmdline(d.pid)
+    with connect("127.0.0.1", ports["info"]) as s:
+        my_port = s.getsockname()[1]
+        s.shutdown(socket.SHUT_WR)
+        info = json.loads(recv_until_eof(s, 5))
+    start = d.wait_log(r"^START: info pid=(\d+) from=127\.0\.0\.1$")[0]
+    assert int(start[1]) == info["pid"], "START pid must be the handler's pid"
+    assert info["pid"] != d.pid, "the handler runs in a forked child, not in the daemon"
+    # no exec: the child still has superd's command line and executable
+    assert info["cmdline"] == daemon_cmdline
+    assert "superd" in info["cmdline"] and "run" in info["cmdline"]
+    assert info["exe"] == os.readlink(f"/proc/{d.pid}/exe")
+    assert info["sock_family"] == socket.AF_INET
+    assert info["peer"][1] == my_port
+    env = info["env"]
+    assert env.get("SUPERD_SERVICE") == "info"
+    assert env.get("TCPREMOTEPORT") == str(my_port)
+    assert env.get("PROTO") == "TCP"
+    d.wait_log(rf"^EXIT: info status=0 pid={info['pid']} ")
+
+
+def test_python_handler_return_value_is_exit_status(pyd):
+    d, ports = pyd
+    assert _talk(ports["seven"]) == b"seven\n"
+    d.wait_log(r"^EXIT: seven status=7 pid=\d+ ")
+
+
+def test_python_handler_exception_gives_status_1_and_daemon_keeps_serving(pyd):
+    d, ports = pyd
+    assert _talk(ports["boom"]) == b"about to fail\n"
+    d.wait_log(r"^EXIT: boom status=1 pid=\d+ ")
+    # the exception is logged
+    d.wait_log(r"boom-from-handler|RuntimeError")
+    # the daemon keeps serving, the same service included
+    assert json.loads(_talk(ports["info"]))["env"]["SUPERD_SERVICE"] == "info"
+    assert _talk(ports["boom"]) == b"about to fail\n"
+    d.wait_log(r"^EXIT: boom status=1 pid=\d+ ", count=2)
+    assert d.proc.poll() is None
