@@ -130,6 +130,10 @@ def _ask(args: argparse.Namespace, command: str) -> dict | None:
         return None
     try:
         answer = control.request(sock_path, command)
+    except PermissionError:
+        print(f"superd: permission denied: {sock_path} is for its owner (and root) only",
+              file=sys.stderr)
+        return None
     except (OSError, ValueError) as e:
         print(f"superd: no daemon answering on {sock_path}: {getattr(e, 'strerror', None) or e}",
               file=sys.stderr)

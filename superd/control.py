@@ -53,12 +53,16 @@ class ControlSocket:
     def request(self, conn: socket.socket) -> None:
         self.server.loop.remove(conn)
         try:
+            # Read the request even from a stranger: closing with unread bytes would reset the
+            # connection and the client would never see why it was refused.
+            command = conn.recv(MAX_REQUEST).decode("ascii", "replace").strip()
             _, uid, _ = struct.unpack("3i", conn.getsockopt(
                 socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
             if uid not in (0, os.geteuid()):
-                answer: dict[str, Any] = {"error": "permission denied"}
+                answer: dict[str, Any] = {
+                    "error": f"permission denied: only uid {os.geteuid()} and root may "
+                             "control this superd"}
             else:
-                command = conn.recv(MAX_REQUEST).decode("ascii", "replace").strip()
                 answer = self.answer(command)
             conn.setblocking(True)
             conn.settimeout(1.0)

@@ -21,12 +21,8 @@ def detach(pidfile_path: str | None) -> int | None:
         pidfile = TimeoutPIDLockFile(os.path.abspath(pidfile_path), acquire_timeout=2)
         pid = pidfile.read_pid()
         if pid:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
+            if not _alive(pid):
                 pidfile.break_lock()
-            except PermissionError:
-                pass
             else:
                 print(f"superd: already running as pid {pid} (pidfile {pidfile_path})",
                       file=sys.stderr)
@@ -36,3 +32,18 @@ def detach(pidfile_path: str | None) -> int | None:
     context = DaemonContext(pidfile=pidfile, working_directory="/", umask=0o022, signal_map={})
     context.open()
     return None
+
+
+def _alive(pid: int) -> bool:
+    """Is `pid` a running process? A zombie (dead, not yet reaped) is not."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return True

@@ -44,7 +44,9 @@ def translate(path: str) -> Translation:
         "Each service shows the inetd.conf line it came from. `note:` lines say where superd",
         "behaves differently; `not carried over:` lines are what superd cannot do, and why.",
         "superd does not read /etc/hosts.allow or /etc/hosts.deny (TCP wrappers): write such",
-        "rules as only_from / no_access. See docs/migrating.md for the whole mapping.",
+        "rules as only_from / no_access. A handler's stderr goes to the log, not to the client",
+        "as under inetd (add `stderr: socket` where a program relies on that).",
+        "See docs/migrating.md for the whole mapping.",
     ])
     pending: list[str] = []  # comments waiting to see whether an entry follows them
     default_host = "*"
@@ -128,12 +130,15 @@ def _entry(where: str, text: str, host: str, service: str, rest: list[str],
         return not_carried(where, "too few fields (inetd skips this line too)", original)
     socktype, proto, waitspec, userspec, server, *argv = rest
     proto, _, bufopts = proto.partition(",")
-    if proto.startswith("rpc/") or "/" in service and not service.startswith("/"):
-        if service.startswith("tcpmux/"):
-            return not_carried(where, "TCPMUX (RFC 1078) services: superd has no tcpmux "
-                                      "multiplexer; give the service a port of its own", original)
+    if service.startswith("tcpmux/"):
+        return not_carried(where, "TCPMUX (RFC 1078) services: superd has no tcpmux "
+                                  "multiplexer; give the service a port of its own", original)
+    if proto.startswith("rpc/"):
         return not_carried(where, "Sun RPC service: superd does not register services with "
                                   "the portmapper (rpcbind)", original)
+    if "/" in service and not service.startswith("/"):
+        return not_carried(where, "a '/' in the service name belongs to RPC (with an rpc/ "
+                                  "protocol) or tcpmux; this is neither", original)
     if socktype not in SOCKET_TYPES:
         return not_carried(where, f"socket type {socktype}: superd serves stream and dgram "
                                   "sockets only", original)

@@ -30,9 +30,17 @@ from superd.importer.common import (
     set_exec,
     unwrap_tcpd,
 )
+from superd.importer.xinetd_attrs import DROPPED, cps, env, groups, other
 from superd.importer.xinetd_read import Attr, Block, Reader
 
 SETS = ("only_from", "no_access", "log_on_success", "log_on_failure", "passenv")
+# how many words an attribute takes; the others take any number
+NVALUES = {name: 1 for name in (
+    "socket_type", "protocol", "wait", "user", "group", "server", "instances", "rpc_version",
+    "rpc_number", "id", "port", "nice", "banner", "bind", "interface", "per_source", "groups",
+    "banner_success", "banner_fail", "disable", "max_load", "rlimit_as", "rlimit_cpu",
+    "rlimit_data", "rlimit_files", "rlimit_rss", "rlimit_stack", "v6only", "deny_time", "umask",
+    "libwrap", "mdns")} | {"cps": 2, "redirect": 2, "leaky_bucket": 4}
 DEFAULT_SETS = SETS + ("disabled", "enabled", "log_type")
 DEFAULT_FIXED = ("instances", "per_source", "umask", "cps", "groups", "bind", "interface",
                  "v6only", "banner", "banner_success", "banner_fail", "max_load",
@@ -44,33 +52,6 @@ SERVICE_FIXED = (
     "banner_success", "banner_fail", "cps", "leaky_bucket", "disable", "max_load",
     "rlimit_as", "rlimit_cpu", "rlimit_data", "rlimit_files", "rlimit_rss", "rlimit_stack",
     "v6only", "deny_time", "umask", "libwrap", "mdns")
-DROPPED = {
-    "access_times": "superd has no time-of-day windows",
-    "banner": "superd sends no banners (a wrapper script can: cat FILE; exec the server)",
-    "banner_success": "superd sends no banners (a wrapper script can: cat FILE; exec ...)",
-    "banner_fail": "superd sends no banners; a refused client is just closed",
-    "log_type": "superd logs every service to its one syslog facility (settings.syslog)",
-    "max_load": "superd does not watch the load average",
-    "deny_time": "goes with the SENSOR flag, which superd does not have",
-    "libwrap": "superd does not use TCP wrappers",
-    "mdns": "superd does not register services with mDNS",
-    "leaky_bucket": "use superd's rate (a token bucket)",
-    "rpc_version": "only for RPC services",
-    "rpc_number": "only for RPC services",
-    "rlimit_data": "superd's rlimits are nofile, nproc, as, cpu, core and fsize",
-    "rlimit_rss": "superd's rlimits are nofile, nproc, as, cpu, core and fsize",
-    "rlimit_stack": "superd's rlimits are nofile, nproc, as, cpu, core and fsize",
-}
-FLAGS = {
-    "REUSE": (False, "superd always sets SO_REUSEADDR"),
-    "NOLIBWRAP": (False, "superd never consults TCP wrappers"),
-    "NORETRY": (False, "superd never retries a start that failed (it logs FAIL and closes)"),
-    "INTERCEPT": (True, "superd does not interpose on a wait service's traffic"),
-    "IDONLY": (True, "superd does not ask the client's ident server (RFC 1413)"),
-    "NODELAY": (True, "superd does not set TCP_NODELAY on connections"),
-    "KEEPALIVE": (True, "superd does not set SO_KEEPALIVE on connections"),
-    "LABELED": (True, "superd does not switch SELinux contexts"),
-}
 
 
 @dataclass
@@ -106,7 +87,9 @@ def translate(path: str) -> Translation:
         "Each service shows the xinetd entry it came from. `note:` lines say where superd",
         "behaves differently; `not carried over:` lines are what superd cannot do, and why.",
         "xinetd built with libwrap also applied /etc/hosts.allow and /etc/hosts.deny; superd",
-        "does not: write such rules as only_from / no_access. See docs/migrating.md.",
+        "does not: write such rules as only_from / no_access. A handler's stderr goes to the",
+        "log, not to the client as under xinetd (add `stderr: socket` where a program relies",
+        "on that). See docs/migrating.md for the whole mapping.",
     ])
     d = Defaults()
     svcs: list[Svc] = []
@@ -119,9 +102,12 @@ def translate(path: str) -> Translation:
             _read_defaults(t, d, item)
         else:
             got = _service(item, d)
-            t.items.append(got.entry if isinstance(got, Svc) else got)
             if isinstance(got, Svc):
+                t.items.append(got.entry)
                 svcs.append(got)
+            else:
+                got.lines[:0] = item.comments
+                t.items.append(got)
     _finish(t, d, svcs)
     return t
 
@@ -144,6 +130,9 @@ def _read_defaults(t: Translation, d: Defaults, block: Block) -> None:
         elif a.name not in DEFAULT_FIXED:
             drop(a.where, a.text, "xinetd does not take this attribute in defaults (it "
                                   "ignores it)")
+        elif len(a.values) != NVALUES.get(a.name, len(a.values)):
+            drop(a.where, a.text, f"xinetd expects {NVALUES[a.name]} value(s) here (it ignores "
+                                  "this)")
         elif a.name in d.fixed or a.name in ("bind", "interface") and (
                 "bind" in d.fixed or "interface" in d.fixed):
             drop(a.where, a.text, "given twice: xinetd keeps the first")
@@ -157,7 +146,7 @@ def _service(block: Block, d: Defaults) -> Svc | Remark:
                   inner=block.inner)
     sets: dict[str, list[str] | None] = {k: (list(d.sets[k]) if k in d.sets else None)
                                          for k in SETS}
-    env: dict[str, str] = {}
+    environ: dict[str, str] = {}
     seen: dict[str, Attr] = {}
     for a in block.attrs:
         if a.name in SETS:
@@ -167,18 +156,21 @@ def _service(block: Block, d: Defaults) -> Svc | Remark:
             elif a.name.startswith("log_on_"):
                 xv.log_fields(a.values, a.name == "log_on_success", a.where, entry.drop, a.name)
         elif a.name == "env":
-            _env(entry, env, a)
+            env(entry, environ, a)
         elif a.name not in SERVICE_FIXED:
             entry.drop(a.where, a.text, "not an xinetd service attribute (xinetd ignores it)")
         elif a.op != "=":
             entry.drop(a.where, a.text, f"xinetd takes only '=' for {a.name} (it ignores this)")
+        elif len(a.values) != NVALUES.get(a.name, len(a.values)):
+            entry.drop(a.where, a.text, f"xinetd expects {NVALUES[a.name]} value(s) here (it "
+                                        "ignores this)")
         elif a.name in seen or a.name in ("bind", "interface") and (
                 "bind" in seen or "interface" in seen):
             entry.drop(a.where, a.text, "given twice: xinetd keeps the first")
         else:
             seen[a.name] = a
-    if env:
-        entry.keys["env"] = env
+    if environ:
+        entry.keys["env"] = environ
 
     def one(name: str) -> str:
         a = seen.get(name)
@@ -230,7 +222,7 @@ def _service(block: Block, d: Defaults) -> Svc | Remark:
     problem = _run(entry, block.name, seen, types, flags, socktype)
     if problem:
         return not_carried(block.where, problem, original)
-    _other(entry, seen, flags)
+    other(entry, seen, flags)
     return svc
 
 
@@ -281,80 +273,6 @@ def _run(entry: Entry, name: str, seen: dict[str, Attr], types: set[str], flags:
     return None
 
 
-def _other(entry: Entry, seen: dict[str, Attr], flags: set[str]) -> None:
-    """Limits, process attributes, flags and what superd has no equivalent for."""
-    for name, a in seen.items():
-        v = a.values
-        if name in DROPPED:
-            entry.drop(a.where, a.text, DROPPED[name])
-        elif name in ("instances", "per_source"):
-            got = xv.count(v)
-            if got is None:
-                entry.drop(a.where, a.text, "expected a number or UNLIMITED")
-            else:
-                entry.keys[name] = got
-                if name == "instances" and got != "unlimited":
-                    entry.note("over instances xinetd accepted and closed connections; superd "
-                               "queues them (on_limit: queue; on_limit: refuse is xinetd's way)")
-        elif name == "cps":
-            _cps(entry.keys, entry.note, entry.drop, a)
-        elif name == "umask" and xv.umask(v) is not None:
-            entry.keys["umask"] = xv.umask(v)
-        elif name == "nice" and len(v) == 1 and v[0].lstrip("-").isdigit() \
-                and -20 <= int(v[0]) <= 19:
-            entry.keys["nice"] = int(v[0])
-        elif name in xv.RLIMITS and xv.rlimit(v) is not None:
-            entry.keys.setdefault("rlimits", {})[xv.RLIMITS[name]] = xv.rlimit(v)
-        elif name == "groups":
-            _groups(a, entry.note, entry.drop)
-        elif name == "disable" and xv.yes_no(v) is not None:
-            if xv.yes_no(v):
-                entry.keys["disabled"] = True
-        elif name in ("umask", "nice", "disable") or name in xv.RLIMITS:
-            entry.drop(a.where, a.text, "not a value xinetd accepts either")
-    for flag in sorted(flags):
-        if flag == "DISABLE":
-            entry.keys["disabled"] = True
-        elif flag in FLAGS:
-            dropped, why = FLAGS[flag]
-            (entry.drop(seen["flags"].where, f"flags {flag}", why) if dropped
-             else entry.note(f"flags {flag}: {why}"))
-        elif flag not in ("IPV4", "IPV6", "NAMEINARGS", "SENSOR"):
-            entry.drop(seen["flags"].where, f"flags {flag}", "not an xinetd flag")
-
-
-def _cps(keys: dict, note, drop, a: Attr) -> None:
-    got = xv.rate(a.values)
-    if got is None:
-        drop(a.where, a.text, "expected cps = CONNECTIONS SECONDS")
-        return
-    keys["rate"] = got
-    note(f"cps {' '.join(a.values)}: xinetd turned the service off for {a.values[1]} s when "
-         f"more than {a.values[0]} connections came in a second; superd's rate {got} pauses "
-         "accepting until a token is free (no connection is refused)")
-
-
-def _groups(a: Attr, note, drop) -> None:
-    if xv.yes_no(a.values):
-        note("groups = yes: superd always sets the supplementary groups of user")
-    else:
-        drop(a.where, a.text, "superd always sets the supplementary groups of user")
-
-
-def _env(entry: Entry, env: dict[str, str], a: Attr) -> None:
-    if a.op == "-=":
-        entry.drop(a.where, a.text, "xinetd does not take -= for env either")
-        return
-    if a.op == "=":
-        env.clear()
-    for item in a.values:
-        name, eq, value = item.partition("=")
-        if eq and name:
-            env[name] = value
-        else:
-            entry.drop(a.where, item, "expected NAME=value")
-
-
 def _finish(t: Translation, d: Defaults, svcs: list[Svc]) -> None:
     """Phase two: the defaults block as superd defaults, then listen, ACLs and logs."""
     def drop(where: str, what: str, why: str) -> None:
@@ -367,12 +285,15 @@ def _finish(t: Translation, d: Defaults, svcs: list[Svc]) -> None:
     for name, a in d.fixed.items():
         if name in ("instances", "per_source") and xv.count(a.values) is not None:
             dflt[name] = xv.count(a.values)
+            if name == "instances" and dflt[name] != "unlimited":
+                note("over instances xinetd accepted and closed connections; superd queues "
+                     "them (on_limit: queue; on_limit: refuse is xinetd's way)")
         elif name == "umask" and xv.umask(a.values) is not None:
             dflt["umask"] = xv.umask(a.values)
         elif name == "cps":
-            _cps(dflt, note, drop, a)
+            cps(dflt, note, drop, a)
         elif name == "groups":
-            _groups(a, note, drop)
+            groups(a, note, drop)
         elif name in ("bind", "interface", "v6only"):
             note(f"{a.text}: applied to the listen address of every service")
         else:

@@ -1,0 +1,122 @@
+"""xinetd service attributes that need no other attribute to be understood: limits, process
+attributes, flags, env, and those superd has no equivalent for (each with its reason).
+
+Shared by service blocks and the defaults block, which is why the callbacks `note` and `drop`
+are passed in: the comment lands where the attribute was written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from superd.importer import xinetd_values as xv
+from superd.importer.common import Entry
+from superd.importer.xinetd_read import Attr
+
+Note = Callable[[str], None]
+
+DROPPED = {
+    "access_times": "superd has no time-of-day windows",
+    "banner": "superd sends no banners (a wrapper script can: cat FILE; exec the server)",
+    "banner_success": "superd sends no banners (a wrapper script can: cat FILE; exec ...)",
+    "banner_fail": "superd sends no banners; a refused client is just closed",
+    "log_type": "superd logs every service to its one syslog facility (settings.syslog)",
+    "max_load": "superd does not watch the load average",
+    "deny_time": "goes with the SENSOR flag, which superd does not have",
+    "libwrap": "superd does not use TCP wrappers",
+    "mdns": "superd does not register services with mDNS",
+    "leaky_bucket": "use superd's rate (a token bucket)",
+    "rpc_version": "only for RPC services",
+    "rpc_number": "only for RPC services",
+    "rlimit_data": "superd's rlimits are nofile, nproc, as, cpu, core and fsize",
+    "rlimit_rss": "superd's rlimits are nofile, nproc, as, cpu, core and fsize",
+    "rlimit_stack": "superd's rlimits are nofile, nproc, as, cpu, core and fsize",
+}
+FLAGS = {
+    "REUSE": (False, "superd always sets SO_REUSEADDR"),
+    "NOLIBWRAP": (False, "superd never consults TCP wrappers"),
+    "NORETRY": (False, "superd never retries a start that failed (it logs FAIL and closes)"),
+    "INTERCEPT": (True, "superd does not interpose on a wait service's traffic"),
+    "IDONLY": (True, "superd does not ask the client's ident server (RFC 1413)"),
+    "NODELAY": (True, "superd does not set TCP_NODELAY on connections"),
+    "KEEPALIVE": (True, "superd does not set SO_KEEPALIVE on connections"),
+    "LABELED": (True, "superd does not switch SELinux contexts"),
+}
+
+
+def other(entry: Entry, seen: dict[str, Attr], flags: set[str]) -> None:
+    """Limits, process attributes, flags and what superd has no equivalent for."""
+    for name, a in seen.items():
+        v = a.values
+        if name in DROPPED:
+            entry.drop(a.where, a.text, DROPPED[name])
+        elif name in ("instances", "per_source"):
+            got = xv.count(v)
+            if got is None:
+                entry.drop(a.where, a.text, "expected a number or UNLIMITED")
+            else:
+                entry.keys[name] = got
+                if name == "instances" and got != "unlimited":
+                    entry.note("over instances xinetd accepted and closed connections; superd "
+                               "queues them (on_limit: queue; on_limit: refuse is xinetd's way)")
+        elif name == "cps":
+            cps(entry.keys, entry.note, entry.drop, a)
+        elif name == "umask" and xv.umask(v) is not None:
+            entry.keys["umask"] = xv.umask(v)
+        elif name == "nice" and len(v) == 1 and v[0].lstrip("-").isdigit() \
+                and -20 <= int(v[0]) <= 19:
+            entry.keys["nice"] = int(v[0])
+        elif name in xv.RLIMITS and xv.rlimit(v) is not None:
+            entry.keys.setdefault("rlimits", {})[xv.RLIMITS[name]] = xv.rlimit(v)
+        elif name == "groups":
+            groups(a, entry.note, entry.drop)
+        elif name == "disable" and xv.yes_no(v) is not None:
+            if xv.yes_no(v):
+                entry.keys["disabled"] = True
+        elif name in ("umask", "nice", "disable") or name in xv.RLIMITS or (
+                name == "v6only" and xv.yes_no(v) is None):
+            entry.drop(a.where, a.text, "not a value xinetd accepts either")
+    for flag in sorted(flags):
+        if flag == "DISABLE":
+            entry.keys["disabled"] = True
+        elif flag in FLAGS:
+            dropped, why = FLAGS[flag]
+            (entry.drop(seen["flags"].where, f"flags {flag}", why) if dropped
+             else entry.note(f"flags {flag}: {why}"))
+        elif flag not in ("IPV4", "IPV6", "NAMEINARGS", "SENSOR"):
+            entry.drop(seen["flags"].where, f"flags {flag}", "not an xinetd flag")
+
+
+def cps(keys: dict, note: Note, drop: xv.Drop, a: Attr) -> None:
+    """cps N T -> rate N/s; the T-second shutdown has no equivalent, and the note says so."""
+    got = xv.rate(a.values)
+    if got is None:
+        drop(a.where, a.text, "expected cps = CONNECTIONS SECONDS")
+        return
+    keys["rate"] = got
+    note(f"cps {' '.join(a.values)}: xinetd turned the service off for {a.values[1]} s when "
+         f"more than {a.values[0]} connections came in a second; superd's rate {got} pauses "
+         "accepting until a token is free (no connection is refused)")
+
+
+def groups(a: Attr, note: Note, drop: xv.Drop) -> None:
+    """superd always gives a handler its user's supplementary groups: yes matches, no does not."""
+    if xv.yes_no(a.values):
+        note("groups = yes: superd always sets the supplementary groups of user")
+    else:
+        drop(a.where, a.text, "superd always sets the supplementary groups of user")
+
+
+def env(entry: Entry, environ: dict[str, str], a: Attr) -> None:
+    """env = NAME=value...: '=' replaces, '+=' adds (xinetd has no '-=' for env)."""
+    if a.op == "-=":
+        entry.drop(a.where, a.text, "xinetd does not take -= for env either")
+        return
+    if a.op == "=":
+        environ.clear()
+    for item in a.values:
+        name, eq, value = item.partition("=")
+        if eq and name:
+            environ[name] = value
+        else:
+            entry.drop(a.where, item, "expected NAME=value")
