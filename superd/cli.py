@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     imp.add_argument("kind", choices=("inetd", "xinetd"))
     imp.add_argument("file")
     imp.add_argument("--check", action="store_true",
-                     help="also run the result through the validator; exit 1 if it would not load")
+                     help="also print the check summary on stderr (the result is always "
+                          "validated; exit 1 if it would not load)")
     args = parser.parse_args(argv)
     if args.command == "run" and args.pidfile and not args.daemon:
         parser.error("--pidfile goes with --daemon")

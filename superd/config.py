@@ -273,7 +273,7 @@ def _service(doc: Document, name: str, defaults: dict[str, Any], main: Document,
     if len(problems) > before:
         return None
     try:
-        values.update(fields.whole_service(values, ctx))
+        values = fields.whole_service(values, ctx)
     except fields.FieldError as e:
         blame = next((k for k in e.keys if k in raw), None)
         problems.append(doc.problem(base + ((blame,) if blame else ()), str(e)))
