@@ -218,7 +218,7 @@ class Server:
             services[svc.name] = runtime
         for name, runtime in self.services.items():
             if name not in services:
-                runtime.listeners = []  # retired; its running handlers finish on their own
+                runtime.retire()  # its running handlers finish on their own
         self.services = services
         for runtime in services.values():
             self.poll_service(runtime)

@@ -46,6 +46,8 @@ class ServiceRuntime:
         self.accepted = 0
         self.refused: Counter[str] = Counter()
         self.last_exit: int | None = None
+        self.stderr_w = -1
+        self.retired = False
         self.limits = Limits(self)
         self.configure(config)
 
@@ -173,16 +175,16 @@ class ServiceRuntime:
     def start_handler(self, sock: socket.socket, peer: str, env: dict[str, str],
                       listener: Listener | None) -> None:
         try:
-            started = spawn.spawn(self.prepared, sock, env, wait=listener is not None)
+            started = spawn.spawn(self.prepared, sock, env, listener is not None,
+                                  self.stderr_pipe())
         except OSError as e:
             self.log.error(f"{self.name}: cannot fork: {e.strerror}")
             self.refuse("exec", peer)
             self.limits.freed(peer)
             return
-        child = Child(started.pid, self, peer, started.status)
-        self.loop.add(started.status, READ, partial(self.status_ready, child))
-        if started.stderr >= 0:
-            StderrLines(self.loop, self.log, started.stderr, self.name, started.pid)
+        child = Child(started.pid, self, peer, started.status, failure=started.failure)
+        if started.status >= 0:
+            self.loop.add(started.status, READ, partial(self.status_ready, child))
         self.children.add(child)
         self.server.adopt(child)
         if listener is not None:
@@ -192,6 +194,23 @@ class ServiceRuntime:
             child.timers.append(self.loop.call_later(self.config.timeout,
                                                      lambda: self.server.overrun(child)))
         self.log_start(child.pid, peer)
+
+    def stderr_pipe(self) -> int:
+        """The write end of this service's stderr pipe (one for all its handlers), or -1."""
+        if self.config.stderr != "log":
+            return -1
+        if self.stderr_w < 0:
+            r, self.stderr_w = os.pipe2(os.O_CLOEXEC)
+            StderrLines(self.loop, self.log, r, self.name)
+        return self.stderr_w
+
+    def retire(self) -> None:
+        """Removed from the table: once its last handler is gone, release what it holds."""
+        self.retired = True
+        self.listeners = []
+        if not self.children and self.stderr_w >= 0:
+            os.close(self.stderr_w)  # the reader sees EOF once no handler holds it either
+            self.stderr_w = -1
 
     def status_ready(self, child: Child, mask: int) -> None:
         """The exec-status pipe closed (exec worked) or says why it failed: keep no fd open."""
@@ -232,6 +251,8 @@ class ServiceRuntime:
             self.last_exit = code
             self.log_exit(child, code, duration)
         self.limits.exited(child.peer, code, duration)
+        if self.retired:
+            self.retire()
 
     def log_exit(self, child: Child, code: int, duration: float) -> None:
         opts = self.config.log_on_success

@@ -67,39 +67,40 @@ def prepare(service: Service, environ: dict[str, str]) -> Prepared:
 @dataclass
 class Started:
     pid: int
-    stderr: int  # read end of the handler's stderr pipe, or -1
-    status: int  # read end of the exec-status pipe
+    status: int  # read end of the exec-status pipe while the outcome is unknown, else -1
+    failure: str | None = None  # why it could not start, when already known
 
 
-def spawn(prep: Prepared, sock: socket.socket, env: dict[str, str], wait: bool) -> Started:
-    """Fork a handler for `sock` (a connection, or the listener itself when `wait`)."""
+def spawn(prep: Prepared, sock: socket.socket, env: dict[str, str], wait: bool,
+          err_w: int) -> Started:
+    """Fork a handler for `sock` (a connection, or the listener itself when `wait`).
+
+    `err_w` is the write end of the service's stderr pipe (used with `stderr: log`).
+    """
     global _devnull
-    svc = prep.service
     if _devnull < 0:
         _devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-    status_r, status_w = os.pipe2(os.O_CLOEXEC)
-    err_r = err_w = -1
-    if svc.stderr == "log":
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    status_r, status_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
     if prep.fast:
         try:
             pid = _fork_exec(prep, sock.fileno(), env, status_r, status_w, err_w)
+        except BaseException:
+            os.close(status_r)
+            raise
         finally:
             os.close(status_w)
-            if err_w >= 0:
-                os.close(err_w)
-        return Started(pid, err_r, status_r)
+        return _settle(pid, status_r)
     env = {**prep.base_env, **env}
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
     try:
         pid = os.fork()
     except OSError:
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-        for fd in (status_r, status_w, err_r, err_w):
-            if fd >= 0:
-                os.close(fd)
+        os.close(status_r)
+        os.close(status_w)
         raise
     if pid == 0:
+        os.set_blocking(status_w, True)
         _child(prep, sock, env, wait, status_w, err_w)  # never returns
     signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     try:
@@ -107,9 +108,18 @@ def spawn(prep: Prepared, sock: socket.socket, env: dict[str, str], wait: bool) 
     except OSError:
         pass
     os.close(status_w)
-    if err_w >= 0:
-        os.close(err_w)
-    return Started(pid, err_r, status_r)
+    return _settle(pid, status_r)
+
+
+def _settle(pid: int, status_r: int) -> Started:
+    """Learn the exec outcome now if it is in: after a vfork it always is, so the common
+    case needs no poll of the status pipe at all."""
+    try:
+        data = os.read(status_r, 4096)
+    except BlockingIOError:
+        return Started(pid, status_r)  # a real fork: the loop watches the pipe
+    os.close(status_r)
+    return Started(pid, -1, _failure(data))
 
 
 def _fork_exec(prep: Prepared, fd: int, env: dict[str, str], status_r: int, status_w: int,
@@ -126,15 +136,17 @@ def _fork_exec(prep: Prepared, fd: int, env: dict[str, str], status_r: int, stat
 
 
 def exec_failure(status_fd: int) -> str | None:
-    """Why the child could not start, or None if it did (the pipe closed on exec).
-
-    Our own child writes `Type: reason`; CPython's fork_exec writes `OSError:<hex errno>:...`.
-    """
+    """Why the child could not start, or None if it did (the pipe closed on exec)."""
     try:
         data = os.read(status_fd, 4096)
     except OSError:
         data = b""
     os.close(status_fd)
+    return _failure(data)
+
+
+def _failure(data: bytes) -> str | None:
+    """Our own child writes `Type: reason`; CPython's fork_exec writes `OSError:<hex errno>:...`."""
     if data.startswith(b"OSError:"):
         _, code, where = (data.decode("ascii", "replace").split(":", 2) + ["", ""])[:3]
         try:
