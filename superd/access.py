@@ -31,6 +31,7 @@ def _decide(ip: str, only_from: tuple[Network, ...], no_access: tuple[Network, .
     return allow >= 0 or not only_from
 
 
+@lru_cache(maxsize=4096)
 def is_unicast(ip: str) -> bool:
     """False for multicast and broadcast sources, which no datagram service should answer."""
     try:

@@ -39,6 +39,7 @@ class Limits:
 
     def configure(self, config: Service) -> None:
         self.config = config
+        self.has_rules = bool(config.only_from or config.no_access)
         if config.rate:
             self.capacity = float(config.rate[0])
             self.per_second = config.rate[0] / config.rate[1]
@@ -72,8 +73,8 @@ class Limits:
         if not isinstance(addr, tuple):
             return True  # unix datagram peer
         ip, port = addr[0], addr[1]
-        return port >= 1024 and is_unicast(ip) and allowed(ip, self.config.only_from,
-                                                             self.config.no_access)
+        return port >= 1024 and is_unicast(ip) and (
+            not self.has_rules or allowed(ip, self.config.only_from, self.config.no_access))
 
     def full(self) -> bool:
         return self.config.instances is not None and self.runtime.active >= self.config.instances

@@ -13,12 +13,15 @@ import socket
 import sys
 import syslog as _syslog
 import time
+from collections import deque
 from collections.abc import Callable
 
 from superd.config import Settings
+from superd.loop import WRITE, Loop
 
 ERR, WARNING, INFO = _syslog.LOG_ERR, _syslog.LOG_WARNING, _syslog.LOG_INFO
 RETRY_SECONDS = 1.0
+MAX_BACKLOG = 10_000  # lines held while syslogd is slow; beyond, lines are counted and dropped
 JOURNALD_SYSLOG = "/run/systemd/journal/dev-log"  # where /dev/log points when journald owns it
 
 
@@ -36,6 +39,10 @@ class Log:
         self.stamp_second = -1
         self.stamp = ""
         self.journal: Callable[..., None] | None = None  # set by superd.systemd under systemd
+        self.loop: Loop | None = None
+        self.backlog: deque[bytes] = deque()
+        self.dropped = 0
+        self.terminator = b""
         self.configure(settings or Settings())
 
     def configure(self, settings: Settings) -> None:
@@ -73,15 +80,52 @@ class Log:
             self._connect()
         if self.sock is not None:
             packet = f"<{self.facility | severity}>{self.stamp} {self.ident}[{self.pid}]: {message}"
-            try:
-                self.sock.send(packet.encode("utf-8", "replace"))
-            except OSError as e:
-                self._lost(e)
+            self._send(packet.encode("utf-8", "replace") + self.terminator)
         if self.sock is None:
             sys.stderr.write(f"{self.stamp} {self.ident}[{self.pid}]: {message}\n")
             sys.stderr.flush()
         if self.journal is not None:
             self.journal(message, severity, fields)
+
+    def attach(self, loop: Loop) -> None:
+        """From now on never block the loop: queue what syslogd cannot take yet."""
+        self.loop = loop
+
+    def _send(self, data: bytes) -> None:
+        if self.backlog:
+            self._queue(data)
+            return
+        try:
+            self.sock.send(data, socket.MSG_DONTWAIT if self.loop else 0)  # type: ignore[union-attr]
+        except BlockingIOError:
+            self._queue(data)
+        except OSError as e:
+            self._lost(e)
+
+    def _queue(self, data: bytes) -> None:
+        """syslogd is behind: keep up to MAX_BACKLOG lines, count what is dropped beyond."""
+        if len(self.backlog) >= MAX_BACKLOG:
+            self.dropped += 1
+            return
+        self.backlog.append(data)
+        if len(self.backlog) == 1 and self.loop is not None and self.sock is not None:
+            self.loop.add(self.sock, WRITE, self._writable)
+
+    def _writable(self, mask: int) -> None:
+        while self.backlog and self.sock is not None:
+            try:
+                self.sock.send(self.backlog[0], socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError as e:
+                self._lost(e)
+                return
+            self.backlog.popleft()
+        if self.sock is not None and self.loop is not None:
+            self.loop.remove(self.sock)
+        if self.dropped:
+            dropped, self.dropped = self.dropped, 0
+            self.warning(f"syslog could not keep up: {dropped} log lines dropped")
 
     def _connect(self) -> None:
         for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
@@ -95,6 +139,7 @@ class Log:
                 self._lost(e)
                 return
             self.sock = sock
+            self.terminator = b"\0" if kind == socket.SOCK_STREAM else b""
             if self.down_since is not None:
                 self.down_since = None
                 sys.stderr.write(f"superd: syslog socket {self.address} is back; logging there\n")
@@ -102,8 +147,11 @@ class Log:
 
     def _lost(self, error: OSError) -> None:
         if self.sock is not None:
+            if self.loop is not None:
+                self.loop.remove(self.sock)
             self.sock.close()
             self.sock = None
+        self.backlog.clear()
         self.next_try = time.monotonic() + RETRY_SECONDS
         if self.down_since is None:
             self.down_since = time.monotonic()
@@ -111,6 +159,16 @@ class Log:
                              f"({error.strerror}); logging to stderr until it is back\n")
 
     def close(self) -> None:
+        """Flush what is queued (waiting a little, the loop is over) and close."""
         if self.sock is not None:
+            if self.loop is not None:
+                self.loop.remove(self.sock)
+            self.sock.settimeout(1.0)
+            try:
+                while self.backlog:
+                    self.sock.send(self.backlog.popleft())
+            except OSError:
+                pass
             self.sock.close()
             self.sock = None
+        self.loop = None

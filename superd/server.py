@@ -47,6 +47,7 @@ class Server:
         self.log = log
         self.notifier = Notifier()
         self.loop = Loop(self.handle_signal, HANDLED_SIGNALS)
+        log.attach(self.loop)
         self.pool: dict[tuple, Listener] = {}
         self.passed = passed or {}
         self.services: dict[str, ServiceRuntime] = {}
@@ -85,6 +86,7 @@ class Server:
         while not (self.stopping and not self.children):
             self.loop.run_once()
         self.log.info("stopped")
+        self.log.close()
         self.loop.close()
 
     def handle_signal(self, signum: int) -> None:
