@@ -71,7 +71,7 @@ class Limits:
     def datagram_allowed(self, addr: object) -> bool:
         """Internal datagram services: no privileged source ports, no broadcast, the ACL."""
         if not isinstance(addr, tuple):
-            return True  # unix datagram peer
+            return bool(addr)  # a unix datagram peer; an unbound one cannot be answered
         ip, port = addr[0], addr[1]
         return port >= 1024 and is_unicast(ip) and (
             not self.has_rules or allowed(ip, self.config.only_from, self.config.no_access))
