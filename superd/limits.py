@@ -59,7 +59,7 @@ class Limits:
         if cfg.per_source is not None and self.per_peer[peer] >= cfg.per_source:
             return "per_source_limit"
         server = self.runtime.server
-        if self.runtime.builtin is None and len(server.children) >= server.max_children:
+        if self.runtime.builtin is None and server.handlers() >= server.max_children:
             return "process_limit"
         self.per_peer[peer] += 1
         self.take_token()

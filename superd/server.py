@@ -21,10 +21,12 @@ from superd.listeners import Address, Listener
 from superd.log import Log
 from superd.loop import READ, Loop, Timer
 from superd.service import ServiceRuntime
-from superd.spawn import HANDLED_SIGNALS
+from superd.spawn import HANDLED_SIGNALS, failure_text
+from superd.spawner import Spawners
 from superd.systemd import Notifier
 
 KILL_AFTER_TERM = 2.0  # `timeout`: SIGKILL this long after SIGTERM (SPEC §2)
+SPAWNERS = max(1, min(4, os.cpu_count() or 1))
 
 
 class BindError(Exception):
@@ -52,6 +54,8 @@ class Server:
         self.passed = passed or {}
         self.services: dict[str, ServiceRuntime] = {}
         self.children: dict[int, Child] = {}
+        self.pending: dict[int, Child] = {}  # sent to a spawner, pid not known yet
+        self.spawners: Spawners | None = None
         self.held: dict[Listener, Child] = {}
         self.stopping = False
         self.max_children = table.settings.max_children
@@ -71,6 +75,12 @@ class Server:
         self.passed = {n: ls for n, ls in self.passed.items()
                        if n in {s.name for s in self.table.enabled}}
         self.install(self.table, self.bind(self.table))
+        try:
+            self.spawners = Spawners(
+                SPAWNERS, lambda sock, cb: self.loop.add(sock, READ, cb), self.loop.remove,
+                self.spawned, self.exited, self.log.error)
+        except OSError as e:
+            self.log.error(f"{e}; exec handlers are started by the loop itself")
         path = self.table.settings.control_socket
         try:
             self.control = ControlSocket(self, path)
@@ -83,8 +93,10 @@ class Server:
         self.watchdog()
 
     def run(self) -> None:
-        while not (self.stopping and not self.children):
+        while not (self.stopping and not self.children and not self.pending):
             self.loop.run_once()
+        if self.spawners is not None:
+            self.spawners.close()
         self.log.info("stopped")
         self.log.close()
         self.loop.close()
@@ -112,13 +124,35 @@ class Server:
                 return
             if pid == 0:
                 return
-            child = self.children.pop(pid, None)
-            if child is None:
-                continue
-            child.service.exited(child, status)
-            if child.listener is not None:
-                self.held.pop(child.listener, None)
-                self.poll(child.listener)
+            self.exited(pid, status)
+
+    def exited(self, pid: int, status: int) -> None:
+        """A handler is gone (reaped here, or reported by a spawner)."""
+        child = self.children.pop(pid, None)
+        if child is None:
+            return  # a spawner, or an orphaned grandchild we adopted as subreaper
+        child.service.exited(child, status)
+        if child.listener is not None:
+            self.held.pop(child.listener, None)
+            self.poll(child.listener)
+
+    def spawned(self, token: int, pid: int, failure: bytes | str | None) -> None:
+        """A spawner answered a request: the handler runs (or could not be forked)."""
+        child = self.pending.pop(token, None)
+        if child is None:
+            return
+        if not pid:
+            child.service.not_started(child, failure_text(failure))
+            return
+        child.pid = pid
+        child.failure = failure_text(failure)
+        child.service.running(child)
+        if self.stopping:
+            self.signal_group(child, signal.SIGTERM)
+
+    def handlers(self) -> int:
+        """Handler processes of all services, started or on their way (max_children)."""
+        return len(self.children) + len(self.pending)
 
     # -- listeners --------------------------------------------------------------------------
 
@@ -314,7 +348,7 @@ class Server:
         self.notifier.notify("STOPPING=1")
         if self.control is not None:
             self.control.close()
-        self.log.info(f"stopping: {len(self.children)} handlers running")
+        self.log.info(f"stopping: {self.handlers()} handlers running")
         for listener in [*self.pool.values(), *(p for ps in self.passed.values() for p in ps)]:
             self.loop.remove(listener.sock)
             listener.close()
@@ -357,5 +391,5 @@ class Server:
                 "paused": rt.paused, "last_exit": rt.last_exit,
                 "listen": [str(listener) for listener in rt.listeners],
             }
-        return {"services": services, "children": len(self.children), "pid": os.getpid(),
+        return {"services": services, "children": self.handlers(), "pid": os.getpid(),
                 "table": self.table.path}

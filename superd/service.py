@@ -188,6 +188,16 @@ class ServiceRuntime:
 
     def start_handler(self, sock: socket.socket, peer: str, env: dict[str, str],
                       listener: Listener | None) -> None:
+        spawners = self.server.spawners
+        if listener is None and self.prepared.fast and spawners is not None:
+            mode, request = spawn.remote_request(self.prepared, env)
+            fds = [sock.fileno()] + ([self.stderr_pipe()] if mode == "log" else [])
+            token = spawners.spawn(mode, request, fds)
+            if token is not None:  # the pid comes back later: Server.spawned()
+                child = Child(0, self, peer, -1)
+                self.children.add(child)
+                self.server.pending[token] = child
+                return
         try:
             started = spawn.spawn(self.prepared, sock, env, listener is not None,
                                   self.stderr_pipe())
@@ -200,14 +210,27 @@ class ServiceRuntime:
         if started.status >= 0:
             self.loop.add(started.status, READ, partial(self.status_ready, child))
         self.children.add(child)
-        self.server.adopt(child)
         if listener is not None:
             child.listener = listener
             self.server.hold(listener, child)
+        self.running(child)
+
+    def running(self, child: Child) -> None:
+        """The handler has a pid: adopt it, log START, start its clock."""
+        self.server.adopt(child)
         if self.config.timeout:
             child.timers.append(self.loop.call_later(self.config.timeout,
                                                      lambda: self.server.overrun(child)))
-        self.log_start(child.pid, peer)
+        self.log_start(child.pid, child.peer)
+
+    def not_started(self, child: Child, failure: str | None) -> None:
+        """A spawner could not even fork: the client is closed (by the spawner)."""
+        self.children.discard(child)
+        self.log.error(f"{self.name}: cannot start handler: {failure}")
+        self.refuse("exec", child.peer)
+        self.limits.freed(child.peer)
+        if self.retired:
+            self.retire()
 
     def stderr_pipe(self) -> int:
         """The write end of this service's stderr pipe (one for all its handlers), or -1."""

@@ -122,6 +122,15 @@ def _settle(pid: int, status_r: int) -> Started:
     return Started(pid, -1, _failure(data))
 
 
+def remote_request(prep: Prepared, env: dict[str, str]) -> tuple[str, tuple]:
+    """The same fork_exec arguments as `_fork_exec`, as a spawner request (superd.spawner)."""
+    svc = prep.service
+    env_list = [*prep.env_list, *(f"{k}={v}".encode() for k, v in env.items())]
+    groups = list(svc.groups) if svc.groups is not None and os.geteuid() == 0 else None
+    return svc.stderr, (prep.argv, prep.program, env_list, svc.cwd, svc.gid, groups, svc.uid,
+                        -1 if svc.umask is None else svc.umask)
+
+
 def _fork_exec(prep: Prepared, fd: int, env: dict[str, str], status_r: int, status_w: int,
                err_w: int) -> int:
     svc = prep.service
@@ -143,6 +152,11 @@ def exec_failure(status_fd: int) -> str | None:
         data = b""
     os.close(status_fd)
     return _failure(data)
+
+
+def failure_text(data: bytes | str | None) -> str | None:
+    """A spawner's failure report (raw status bytes or a sentence) as a log sentence."""
+    return _failure(data) if isinstance(data, bytes) else data
 
 
 def _failure(data: bytes) -> str | None:

@@ -1,0 +1,223 @@
+"""Spawner processes: exec handlers off the loop, so spawns overlap instead of queueing.
+
+Starting a program with vfork suspends the caller until the child has exec'd. In the loop
+that serialised every exec service behind the slowest exec, while xinetd and tcpserver fork a
+small process and go straight back to accepting. So superd keeps a few small helper processes
+(fresh interpreters running this file, stdlib only). For each connection of an exec service
+superd sends one request, with the connection's fd attached (SCM_RIGHTS), and goes on; the
+spawner does the vfork and exec, answers with the pid, and later reports the exit status.
+
+Protocol (SOCK_SEQPACKET, marshal):
+  superd -> spawner: (token, stderr_mode, argv, program, env_list, cwd, gid, groups, uid, umask)
+                     with fds [connection] or [connection, stderr pipe]
+  spawner -> superd: ("S", token, pid, failure or None)   pid 0 when it could not fork;
+                     failure is fork_exec's raw status bytes, or a sentence
+                     ("X", pid, wait status)
+
+superd is a child subreaper (PR_SET_CHILD_SUBREAPER): should a spawner die, its handlers become
+superd's own children and are reaped and logged as usual.
+"""
+
+from __future__ import annotations
+
+import _posixsubprocess
+import marshal
+import os
+import selectors
+import signal
+import socket
+import sys
+from collections.abc import Callable
+
+MAX_FDS = 2
+MAX_MESSAGE = 1 << 20
+
+
+# -- superd's side ---------------------------------------------------------------------------
+
+class Spawners:
+    """A small pool of spawner processes, used by the loop without ever blocking on them."""
+
+    def __init__(self, count: int, add_reader: Callable[[socket.socket, Callable], None],
+                 remove_reader: Callable[[socket.socket], None],
+                 started: Callable[[int, int, bytes | str | None], None],
+                 exited: Callable[[int, int], None], lost: Callable[[str], None]):
+        self.add_reader, self.remove_reader = add_reader, remove_reader
+        self.started, self.exited, self.lost = started, exited, lost
+        self.socks: list[socket.socket] = []
+        self.pids: list[int] = []
+        self.inflight: dict[socket.socket, set[int]] = {}
+        self.token = 0
+        _become_subreaper()
+        for _ in range(count):
+            self._start_one()
+
+    def _start_one(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        argv = [sys.executable, "-S", "-E", "-s", __file__, str(theirs.fileno())]
+        errpipe_r, errpipe_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            pid = _posixsubprocess.fork_exec(
+                [os.fsencode(a) for a in argv], [os.fsencode(sys.executable)], True,
+                (theirs.fileno(), errpipe_w), "/", None, -1, -1, -1, -1, -1, -1,
+                errpipe_r, errpipe_w, True, False, 0, None, None, None, -1, None, True)
+        finally:
+            os.close(errpipe_w)
+            theirs.close()
+        failure = os.read(errpipe_r, 4096)
+        os.close(errpipe_r)
+        if failure:
+            ours.close()
+            raise OSError(f"cannot start a spawner: {failure.decode(errors='replace')}")
+        ours.setblocking(False)
+        self.socks.append(ours)
+        self.pids.append(pid)
+        self.inflight[ours] = set()
+        self.add_reader(ours, lambda mask, s=ours: self._ready(s))
+
+    def spawn(self, mode: str, request: tuple, fds: list[int]) -> int | None:
+        """Send one spawn request; its token, or None if no spawner can take it right now
+        (the caller then spawns in the loop itself)."""
+        if not self.socks:
+            return None
+        sock = min(self.socks, key=lambda s: len(self.inflight[s]))
+        self.token += 1
+        data = marshal.dumps((self.token, mode, *request))
+        try:
+            sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                   b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds))])
+        except OSError:
+            return None
+        self.inflight[sock].add(self.token)
+        return self.token
+
+    def _ready(self, sock: socket.socket) -> None:
+        while True:
+            try:
+                data = sock.recv(MAX_MESSAGE)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._died(sock)
+                return
+            message = marshal.loads(data)
+            if message[0] == "S":
+                _, token, pid, failure = message
+                self.inflight[sock].discard(token)
+                self.started(token, pid, failure)
+            else:
+                self.exited(message[1], message[2])
+
+    def _died(self, sock: socket.socket) -> None:
+        """A spawner is gone: what it had not started yet fails; its handlers are ours now."""
+        self.remove_reader(sock)
+        i = self.socks.index(sock)
+        self.socks.pop(i)
+        self.pids.pop(i)
+        sock.close()
+        for token in sorted(self.inflight.pop(sock)):
+            self.started(token, 0, "the spawner process died")
+        self.lost("a spawner process died; its handlers are reaped by superd itself")
+
+    def close(self) -> None:
+        for sock in self.socks:
+            self.remove_reader(sock)
+            sock.close()  # a spawner leaves when superd's end closes
+        self.socks.clear()
+
+
+def _become_subreaper() -> None:
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        pass
+
+
+# -- the spawner process ---------------------------------------------------------------------
+
+def _ignore(signum: int, frame: object) -> None:
+    """A caught signal is reset to default by exec; an ignored one would stay ignored."""
+
+
+def serve(sock: socket.socket) -> None:
+    devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
+        signal.signal(sig, _ignore)  # a terminal's ^C reaches the process group: not ours
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    selector = selectors.DefaultSelector()
+    selector.register(sock, selectors.EVENT_READ)
+    selector.register(wake_r, selectors.EVENT_READ)
+    children: set[int] = set()
+    open_ = True
+    while open_ or children:
+        for key, _ in selector.select():
+            if key.fileobj is sock:
+                open_ = _requests(sock, devnull, children)
+                if not open_:
+                    selector.unregister(sock)
+                    if not children:
+                        return
+            else:
+                os.read(wake_r, 512)
+            _reap(sock if open_ else None, children)
+
+
+def _requests(sock: socket.socket, devnull: int, children: set[int]) -> bool:
+    try:
+        data, ancdata, _, _ = sock.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(4 * MAX_FDS))
+    except InterruptedError:
+        return True
+    if not data:
+        return False
+    fds = [int.from_bytes(d[i:i + 4], sys.byteorder) for level, kind, d in ancdata
+           if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
+           for i in range(0, len(d) - len(d) % 4, 4)]
+    token, mode, argv, program, env_list, cwd, gid, groups, uid, umask = marshal.loads(data)
+    conn = fds[0]
+    stderr = fds[1] if mode == "log" else (conn if mode == "socket" else devnull)
+    status_r, status_w = os.pipe2(os.O_CLOEXEC)
+    pid, failure = 0, None
+    try:
+        pid = _posixsubprocess.fork_exec(
+            argv, program, True, (status_w,), cwd, env_list, conn, -1, -1, conn, -1, stderr,
+            status_r, status_w, True, False, 0, gid, groups, uid, umask, None, True)
+    except OSError as e:
+        failure = f"OSError: cannot fork: {e.strerror}"
+    finally:
+        os.close(status_w)
+        for fd in fds:
+            os.close(fd)
+    if pid:
+        children.add(pid)
+        failure = os.read(status_r, 4096) or None  # complete: written before exec or _exit
+    os.close(status_r)
+    sock.sendall(marshal.dumps(("S", token, pid, failure)))
+    return True
+
+
+def _reap(sock: socket.socket | None, children: set[int]) -> None:
+    while children:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            children.clear()
+            return
+        if pid == 0:
+            return
+        children.discard(pid)
+        if sock is not None:
+            try:
+                sock.sendall(marshal.dumps(("X", pid, status)))
+            except OSError:
+                pass
+
+
+if __name__ == "__main__":
+    fd = int(sys.argv[1])
+    os.closerange(3, fd)
+    serve(socket.socket(fileno=fd))
