@@ -258,7 +258,8 @@ def _service(doc: Document, name: str, defaults: dict[str, Any], main: Document,
     merged.update({k: (doc, base + (k,), v) for k, v in raw.items()})
     protocol = raw.get("protocol", "tcp")
     ctx = fields.Context(name=name, table_dir=os.path.dirname(doc.file),
-                         protocol=protocol if protocol in PROTOCOLS else "tcp")
+                         protocol=protocol if isinstance(protocol, str) and protocol in PROTOCOLS
+                         else "tcp")
     values: dict[str, Any] = {}
     before = len(problems)
     for key, (src, path, value) in merged.items():
@@ -282,19 +283,24 @@ def _service(doc: Document, name: str, defaults: dict[str, Any], main: Document,
 
 
 def _check_addresses(services: list[tuple[Service, Document]], problems: list[Problem]) -> None:
-    """Two enabled services may not share an address of the same socket type."""
-    taken: list[tuple[Service, int, Address]] = []
+    """Two enabled services may not share an address of the same socket type.
+
+    Addresses can only clash on the same port (or unix path), so they are grouped by it: the
+    check stays linear for tables of thousands of services.
+    """
+    taken: dict[tuple, list[tuple[Service, Address]]] = {}
     for svc, doc in services:
         if svc.disabled:
             continue
         kind = socket.SOCK_STREAM if svc.stream else socket.SOCK_DGRAM
         for i, addr in enumerate(svc.listen):
-            for other, other_kind, other_addr in taken:
-                if kind == other_kind and addr.overlaps(other_addr):
+            group = taken.setdefault((kind, addr.path or addr.port), [])
+            for other, other_addr in group:
+                if addr.overlaps(other_addr):
                     what = "the same address" if addr == other_addr else "an overlapping address"
                     problems.append(doc.problem(
                         ("services", svc.name, "listen", i),
                         f"{addr} is {what} as services.{other.name} ({other_addr}, "
                         f"{other.where})"))
                     break
-            taken.append((svc, kind, addr))
+            group.append((svc, addr))

@@ -7,6 +7,7 @@ well as by the file mode, so a socket path that someone loosened still refuses s
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
     from superd.server import Server
 
 MAX_REQUEST = 256
+FD_PAUSE = 0.5  # out of fds: look at the control socket again this much later
 
 
 class ControlSocket:
@@ -45,10 +47,18 @@ class ControlSocket:
     def accept(self, mask: int) -> None:
         try:
             conn, _ = self.sock.accept()
-        except OSError:
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                # Still readable: stop watching for a moment instead of spinning.
+                self.server.loop.remove(self.sock)
+                self.server.loop.call_later(FD_PAUSE, self._resume)
             return
         conn.setblocking(False)
         self.server.loop.add(conn, READ, lambda m: self.request(conn))
+
+    def _resume(self) -> None:
+        if self.sock.fileno() >= 0 and not self.server.loop.watching(self.sock):
+            self.server.loop.add(self.sock, READ, self.accept)
 
     def request(self, conn: socket.socket) -> None:
         self.server.loop.remove(conn)

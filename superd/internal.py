@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from superd.loop import READ, WRITE, Loop
+from superd.loop import READ, WRITE, Loop, Timer
 
 RFC868_EPOCH = 2208988800  # seconds from 1900-01-01 to 1970-01-01
 CHUNK = 65536
@@ -52,6 +52,7 @@ class Session:
         self.loop, self.sock, self.done, self.peer = loop, sock, done, peer
         self.closed = False
         self.watching = 0  # the events we are registered for; 0: not registered
+        self.timer: Timer | None = None  # the service's `timeout`, if it has one
         self.started = time.monotonic()
         self.bytes_in = self.bytes_out = 0
 

@@ -27,19 +27,22 @@ def _ignore(signum: int, frame: object) -> None:
 class Timer:
     """A pending call; `cancel()` makes it a no-op (lazy removal from the heap)."""
 
-    __slots__ = ("when", "callback", "cancelled")
+    __slots__ = ("when", "callback", "cancelled", "loop")
 
-    def __init__(self, when: float, callback: Callable[[], None]):
-        self.when, self.callback, self.cancelled = when, callback, False
+    def __init__(self, when: float, callback: Callable[[], None], loop: Loop):
+        self.when, self.callback, self.cancelled, self.loop = when, callback, False, loop
 
     def cancel(self) -> None:
-        self.cancelled = True
+        if not self.cancelled:
+            self.cancelled = True
+            self.loop.timer_cancelled()
 
 
 class Loop:
     def __init__(self, on_signal: Callable[[int], None], signals: tuple[int, ...]):
         self.selector = selectors.DefaultSelector()
         self.timers: list[tuple[float, int, Timer]] = []
+        self.cancelled = 0  # cancelled timers still in the heap (roughly)
         self.seq = itertools.count()
         self.on_signal = on_signal
         self.signals = signals
@@ -73,9 +76,18 @@ class Loop:
     # -- timers -----------------------------------------------------------------------------
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
-        timer = Timer(time.monotonic() + delay, callback)
+        timer = Timer(time.monotonic() + delay, callback, self)
         heapq.heappush(self.timers, (timer.when, next(self.seq), timer))
         return timer
+
+    def timer_cancelled(self) -> None:
+        """Cancelled timers wait in the heap until due; with long timeouts and many short
+        connections they would pile up, so drop them once they are most of the heap."""
+        self.cancelled += 1
+        if self.cancelled > 256 and self.cancelled * 2 > len(self.timers):
+            self.timers = [entry for entry in self.timers if not entry[2].cancelled]
+            heapq.heapify(self.timers)
+            self.cancelled = 0
 
     # -- running ----------------------------------------------------------------------------
 
@@ -84,6 +96,7 @@ class Loop:
         timeout = None
         while self.timers and self.timers[0][2].cancelled:
             heapq.heappop(self.timers)
+            self.cancelled = max(0, self.cancelled - 1)
         if self.timers:
             timeout = max(0.0, self.timers[0][0] - time.monotonic())
         for key, mask in self.selector.select(timeout):

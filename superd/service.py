@@ -132,9 +132,20 @@ class ServiceRuntime:
         session = self.builtin.stream(self.loop, conn, self.session_done, peer)
         self.sessions.add(session)
         session.start()
+        if self.config.timeout and not session.closed:
+            session.timer = self.loop.call_later(self.config.timeout,
+                                                 lambda: self.session_overrun(session))
+
+    def session_overrun(self, session: Session) -> None:
+        """`timeout` holds for internal sessions too: a silent client must not keep its slot."""
+        if not session.closed:
+            self.refuse("timeout", session.peer)
+            session.close()
 
     def session_done(self, session: Session) -> None:
         self.sessions.discard(session)
+        if session.timer is not None:
+            session.timer.cancel()
         self.limits.freed(session.peer)
         if "traffic" in self.config.log_on_success:
             self.log.info(f"EXIT: {self.name} status=0 pid=0 duration="

@@ -27,9 +27,11 @@ import selectors
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 
 MAX_FDS = 2
+RESTART_INTERVAL = 5.0  # a spawner that died is replaced, at most this often
 MAX_MESSAGE = 1 << 20
 
 
@@ -48,6 +50,7 @@ class Spawners:
         self.pids: list[int] = []
         self.inflight: dict[socket.socket, set[int]] = {}
         self.token = 0
+        self.last_start = 0.0
         _become_subreaper()
         for _ in range(count):
             self._start_one()
@@ -120,6 +123,12 @@ class Spawners:
         for token in sorted(self.inflight.pop(sock)):
             self.started(token, 0, "the spawner process died")
         self.lost("a spawner process died; its handlers are reaped by superd itself")
+        if time.monotonic() - self.last_start >= RESTART_INTERVAL:  # replace it, unless
+            self.last_start = time.monotonic()                     # they keep dying
+            try:
+                self._start_one()
+            except OSError as e:
+                self.lost(str(e))
 
     def close(self) -> None:
         for sock in self.socks:

@@ -25,10 +25,14 @@ class Notifier:
     def notify(self, message: str) -> None:
         """Best effort: a notification lost (e.g. out of fds) must never stop the daemon."""
         if self.enabled:
-            try:
-                daemon.notify(message)
-            except OSError:
-                pass
+            for _ in range(3):
+                try:
+                    daemon.notify(message)
+                    return
+                except InterruptedError:
+                    continue  # a signal arrived mid-send: READY=1 must not be lost to that
+                except OSError:
+                    return
 
 
 def passed_sockets() -> dict[str, list[socket.socket]]:

@@ -20,7 +20,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 MAX_NODES = 100_000  # values after alias expansion; a real table has a few hundred
 MAX_DEPTH = 64
-MAX_BYTES = 4 * 1024 * 1024
+MAX_BYTES = 1024 * 1024  # a table of thousands of services is still a few hundred KiB
 
 Path = tuple[Any, ...]
 
@@ -36,7 +36,9 @@ class Problem:
 
     def __str__(self) -> str:
         loc = self.file if self.line is None else f"{self.file}:{self.line}"
-        return f"{loc}: {self.where}: {self.message}" if self.where else f"{loc}: {self.message}"
+        text = f"{loc}: {self.where}: {self.message}" if self.where else f"{loc}: {self.message}"
+        # One line, printable: no newlines from library messages, no lone surrogates.
+        return " ".join(text.split()).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class TableError(Exception):
@@ -91,6 +93,8 @@ def check_owner(file: str) -> str | None:
 def load(file: str) -> Document:
     """Read and convert one YAML file; raise TableError naming the file and line."""
     try:
+        if not stat.S_ISREG(os.stat(file).st_mode):  # a FIFO would block the loader forever
+            raise TableError([Problem(file, None, "", "not a regular file")])
         unsafe = check_owner(file)
         if unsafe:
             raise TableError([Problem(file, None, "", unsafe)])
@@ -105,7 +109,7 @@ def load(file: str) -> Document:
     except UnicodeDecodeError as e:
         raise TableError([Problem(file, None, "", f"not UTF-8: {e.reason}")]) from None
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = _CountingLoader(text).get_single_node()
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark else None
@@ -125,6 +129,27 @@ def load(file: str) -> Document:
     if converter.problems:
         raise TableError(converter.problems)
     return doc
+
+
+class _CountingLoader(yaml.SafeLoader):
+    """Refuse a document with too many nodes while composing it, not after: a few megabytes
+    of `[0,0,0,...]` would otherwise cost a gigabyte before any check could run."""
+
+    def __init__(self, text: str):
+        super().__init__(text)
+        self.nodes = 0
+
+    def compose_node(self, parent: Node | None, index: object) -> Node:  # type: ignore[override]
+        self.nodes += 1
+        if self.nodes > MAX_NODES:
+            raise yaml.YAMLError(f"more than {MAX_NODES} values")
+        return super().compose_node(parent, index)  # type: ignore[arg-type]
+
+    def get_single_node(self) -> Node | None:
+        try:
+            return super().get_single_node()
+        finally:
+            self.dispose()
 
 
 class _Refused(Exception):
@@ -153,7 +178,9 @@ class _Converter:
             try:
                 return self.constructor.construct_object(node)
             except (yaml.YAMLError, ValueError, OverflowError) as e:
-                self.problems.append(Problem(self.doc.file, line, dotted(path), f"bad value: {e}"))
+                reason = getattr(e, "problem", None) or str(e)
+                self.problems.append(Problem(self.doc.file, line, dotted(path),
+                                             f"bad value: {reason}"))
                 return None
         if isinstance(node, SequenceNode):
             return [self.convert(child, path + (i,), depth + 1)

@@ -477,6 +477,22 @@ def proc_state(pid: int) -> str | None:
     return data.rsplit(")", 1)[1].split()[0]
 
 
+def _is_spawner(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"superd/spawner.py" in f.read()
+    except OSError:
+        return False
+
+
+def _children_of(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
 def pid_alive(pid: int) -> bool:
     st = proc_state(pid)
     return st is not None and st != "Z"
@@ -651,6 +667,16 @@ class Superd:
             except (FileNotFoundError, ProcessLookupError):
                 pass
         return pids
+
+    def handlers(self) -> list[int]:
+        """Handler processes: superd's children and its spawners' children, not the spawners."""
+        out: list[int] = []
+        for pid in self.children():
+            if _is_spawner(pid):
+                out += _children_of(pid)
+            else:
+                out.append(pid)
+        return out
 
     def zombie_children(self) -> list[int]:
         return [p for p in self.children() if proc_state(p) == "Z"]

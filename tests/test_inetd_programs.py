@@ -132,4 +132,4 @@ def test_tftpd_as_udp_wait_service(superd, tmp_path):
     order = [line.split(":")[0] for line in d.lines() if line.startswith(("START: tftp",
                                                                           "EXIT: tftp"))]
     assert order == ["START", "EXIT", "START", "EXIT"], order
-    wait_until(lambda: not d.children(), 5, "no handler left")
+    wait_until(lambda: not d.handlers(), 5, "no handler left")
