@@ -104,28 +104,6 @@ class Snapshot:
         return f"{self.nfds} fds, RSS {self.rss_kb} kB, {len(self.children)} children"
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid` (children, their children, ...)."""
-    out, todo = [], [pid]
-    for _ in range(100000):
-        if not todo:
-            break
-        p = todo.pop()
-        try:
-            tasks = os.listdir(f"/proc/{p}/task")
-        except OSError:
-            continue
-        for t in tasks:
-            try:
-                with open(f"/proc/{p}/task/{t}/children") as f:
-                    kids = [int(x) for x in f.read().split()]
-            except OSError:
-                continue
-            out += kids
-            todo += kids
-    return sorted(out)
-
-
 def cmdline(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -134,13 +112,8 @@ def cmdline(pid: int) -> str:
         return "?"
 
 
-def is_helper(pid: int) -> bool:
-    """Is `pid` one of superd's own helper processes (its spawners), not a handler?"""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"superd/spawner.py" in f.read()
-    except OSError:
-        return False
+is_helper = lib.is_spawner
+descendants = lib.descendants
 
 
 def helpers(d: lib.Superd) -> list[int]:

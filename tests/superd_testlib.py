@@ -477,7 +477,30 @@ def proc_state(pid: int) -> str | None:
     return data.rsplit(")", 1)[1].split()[0]
 
 
-def _is_spawner(pid: int) -> bool:
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children, their children, ...), sorted."""
+    out, todo = [], [pid]
+    for _ in range(100000):
+        if not todo:
+            break
+        p = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for t in tasks:
+            try:
+                with open(f"/proc/{p}/task/{t}/children") as f:
+                    kids = [int(x) for x in f.read().split()]
+            except OSError:
+                continue
+            out += kids
+            todo += kids
+    return sorted(out)
+
+
+def is_spawner(pid: int) -> bool:
+    """Is `pid` one of superd's spawner processes (superd/spawner.py), not a handler?"""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             return b"superd/spawner.py" in f.read()
@@ -672,7 +695,7 @@ class Superd:
         """Handler processes: superd's children and its spawners' children, not the spawners."""
         out: list[int] = []
         for pid in self.children():
-            if _is_spawner(pid):
+            if is_spawner(pid):
                 out += _children_of(pid)
             else:
                 out.append(pid)

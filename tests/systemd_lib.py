@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from superd_testlib import REPO, wait_until
+from superd_testlib import REPO, descendants, wait_until
 
 CACHE = Path(os.environ.get("SUPERD_TEST_ROOT_CACHE", "/var/cache/superd-test-root"))
 # What the root holds. procps: /bin/kill for ExecReload (minbase has none) and ps. python3: the
@@ -127,27 +127,6 @@ def container_root(timeout: float = 900.0) -> Path:
     return root
 
 
-def _descendants(pid: int) -> list[int]:
-    out, todo = [], [pid]
-    for _ in range(1000):
-        if not todo:
-            break
-        p = todo.pop()
-        try:
-            tasks = os.listdir(f"/proc/{p}/task")
-        except OSError:
-            continue
-        for t in tasks:
-            try:
-                with open(f"/proc/{p}/task/{t}/children") as f:
-                    kids = [int(x) for x in f.read().split()]
-            except OSError:
-                continue
-            out += kids
-            todo += kids
-    return out
-
-
 def _ns_pid1(pid: int) -> bool:
     """Is `pid` (a host pid) PID 1 of a pid namespace below ours?"""
     try:
@@ -183,7 +162,7 @@ class Container:
             if self.proc.poll() is not None:
                 raise AssertionError(f"systemd-nspawn exited {self.proc.returncode}:\n"
                                      + self.console.read_text(errors="replace")[-3000:])
-            found = [p for p in _descendants(self.proc.pid) if _ns_pid1(p)]
+            found = [p for p in descendants(self.proc.pid) if _ns_pid1(p)]
             return found[0] if found else None
 
         self.init_pid = wait_until(init_pid, timeout, "the container's PID 1")
