@@ -121,20 +121,7 @@ def free_low_udp_port() -> int:
 
 
 def _proc_net_ports(path: str, want_state: str) -> set[int]:
-    ports = set()
-    try:
-        with open(path) as f:
-            lines = f.read().splitlines()[1:]
-    except FileNotFoundError:
-        return ports
-    for line in lines:
-        parts = line.split()
-        if len(parts) < 4:
-            continue
-        local, state = parts[1], parts[3]
-        if state == want_state:
-            ports.add(int(local.rsplit(":", 1)[1], 16))
-    return ports
+    return {port for port, _ in _proc_net_sockets(path, want_state)}
 
 
 def _proc_net_sockets(path: str, want_state: str) -> list[tuple[int, int]]:
@@ -802,6 +789,10 @@ class Superd:
                     os.kill(pid, signal.SIGKILL)
                 except OSError:
                     pass
+        self.close_files()
+
+    def close_files(self) -> None:
+        """Close the notify socket and the daemon's captured stdout/stderr files."""
         if self.notify_sock is not None:
             self.notify_sock.close()
             self.notify_sock = None

@@ -307,12 +307,7 @@ def own_daemon(request, tmp_path, rsyslog):
     if d.proc.poll() is None:
         running = [(pid, rl.start_time(pid)) for pid in rl.descendants(d.pid)]
     rc = d.stop()
-    if d.notify_sock is not None:
-        d.notify_sock.close()
-        d.notify_sock = None
-    for f in (getattr(d, "_out", None), getattr(d, "_err", None)):
-        if f:
-            f.close()
+    d.close_files()
     assert rc == 0, f"superd exited {rc}: {d.stderr_text()[-2000:]}"
     lib.wait_until(lambda: not [p for p, t in running if rl.start_time(p) == t], 10,
                    f"handlers {running} gone after superd stopped")
