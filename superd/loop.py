@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 
 READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
+IDLE_AT_LATEST = 0.1  # `when_idle` callbacks run at the latest this long after being asked for
 
 
 def _ignore(signum: int, frame: object) -> None:
@@ -45,6 +46,8 @@ class Loop:
         self.cancelled = 0  # cancelled timers still in the heap (roughly)
         self.seq = itertools.count()
         self.on_signal = on_signal
+        self.idle: list[Callable[[], None]] = []
+        self.idle_asked = 0.0
         self.signals = signals
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.selector.register(self.wake_r, READ, self._read_signals)
@@ -80,6 +83,13 @@ class Loop:
         heapq.heappush(self.timers, (timer.when, next(self.seq), timer))
         return timer
 
+    def when_idle(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once nothing else is ready (before the loop sleeps), so that work
+        of a busy stretch is done in one go; under endless load, within IDLE_AT_LATEST."""
+        if not self.idle:
+            self.idle_asked = time.monotonic()
+        self.idle.append(callback)
+
     def timer_cancelled(self) -> None:
         """Cancelled timers wait in the heap until due; with long timeouts and many short
         connections they would pile up, so drop them once they are most of the heap."""
@@ -99,7 +109,17 @@ class Loop:
             self.cancelled = max(0, self.cancelled - 1)
         if self.timers:
             timeout = max(0.0, self.timers[0][0] - time.monotonic())
-        for key, mask in self.selector.select(timeout):
+        if self.idle:
+            events = self.selector.select(0)
+            if not events or time.monotonic() - self.idle_asked >= IDLE_AT_LATEST:
+                idle, self.idle = self.idle, []
+                for callback in idle:
+                    callback()
+                if not events:
+                    events = self.selector.select(timeout)
+        else:
+            events = self.selector.select(timeout)
+        for key, mask in events:
             key.data(mask)
         now = time.monotonic()
         while self.timers and self.timers[0][0] <= now:
