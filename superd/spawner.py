@@ -32,7 +32,10 @@ from collections.abc import Callable
 
 MAX_FDS = 2
 RESTART_INTERVAL = 5.0  # a spawner that died is replaced, at most this often
-MAX_MESSAGE = 1 << 20
+# Receive buffers, allocated per message: a request is well under this (larger ones are spawned
+# by superd itself); 1 MiB buffers cost an mmap, page faults and a munmap per message.
+MAX_REQUEST = 64 << 10
+MAX_REPLY = 8 << 10  # a reply carries at most 4 KiB of failure text
 
 
 # -- superd's side ---------------------------------------------------------------------------
@@ -86,6 +89,8 @@ class Spawners:
         sock = min(self.socks, key=lambda s: len(self.inflight[s]))
         self.token += 1
         data = marshal.dumps((self.token, mode, *request))
+        if len(data) > MAX_REQUEST:
+            return None
         try:
             sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                    b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds))])
@@ -97,7 +102,7 @@ class Spawners:
     def _ready(self, sock: socket.socket) -> None:
         while True:
             try:
-                data = sock.recv(MAX_MESSAGE)
+                data = sock.recv(MAX_REPLY)
             except BlockingIOError:
                 return
             except OSError:
@@ -178,7 +183,7 @@ def serve(sock: socket.socket) -> None:
 
 def _requests(sock: socket.socket, devnull: int, children: set[int]) -> bool:
     try:
-        data, ancdata, _, _ = sock.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(4 * MAX_FDS))
+        data, ancdata, _, _ = sock.recvmsg(MAX_REQUEST, socket.CMSG_SPACE(4 * MAX_FDS))
     except InterruptedError:
         return True
     if not data:

@@ -130,3 +130,28 @@ def test_stale_unix_socket_file_is_replaced(superd, tmp_path):
     stale.close()  # leaves the file behind, as a crashed daemon would
     superd({"ucat": {"listen": str(path), "protocol": "unix", "exec": ["/bin/cat"]}})
     assert run_client(["socat", "-t", "5", "-", f"UNIX-CONNECT:{path}"], b"ok\n") == b"ok\n"
+
+
+def test_handlers_may_run_on_every_cpu_superd_may(superd):
+    """A handler may use every CPU superd may: nothing on the way (a spawner) narrows it."""
+    port = free_port()
+    d = superd({"cpus": {"listen": f"127.0.0.1:{port}",
+                         "exec": ["/bin/grep", "Cpus_allowed_list", "/proc/self/status"]}})
+    mine = open(f"/proc/{d.pid}/status").read()
+    expected = next(line for line in mine.splitlines() if line.startswith("Cpus_allowed_list"))
+    for _ in range(6):  # more connections than spawners: each spawner starts some of them
+        with connect("127.0.0.1", port) as s:
+            s.shutdown(socket.SHUT_WR)
+            assert recv_until_eof(s).decode().strip() == expected
+
+
+def test_handler_with_a_large_environment(superd):
+    """A request too large for a spawner message (over 64 KiB) is started by superd itself."""
+    port = free_port()
+    big = "x" * 100_000
+    d = superd({"big": {"listen": f"127.0.0.1:{port}", "env": {"BIG": big},
+                        "exec": ["/bin/sh", "-c", 'printf %s "$BIG" | wc -c']}})
+    with connect("127.0.0.1", port) as s:
+        s.shutdown(socket.SHUT_WR)
+        assert recv_until_eof(s).decode().strip() == "100000"
+    d.wait_log(r"^EXIT: big status=0 ")
