@@ -10,7 +10,9 @@ spawner does the vfork and exec, answers with the pid, and later reports the exi
 Protocol (SOCK_SEQPACKET, marshal):
   superd -> spawner: (token, stderr_mode, argv, program, env_list, cwd, gid, groups, uid, umask)
                      with fds [connection] or [connection, stderr pipe]
-  spawner -> superd: ("S", token, pid, failure or None)   pid 0 when it could not fork;
+  spawner -> superd: a tuple of replies, in the order they happened, sent when the spawner
+                     has nothing else ready (so superd wakes once for a busy stretch):
+                     ("S", token, pid, failure or None)   pid 0 when it could not fork;
                      failure is fork_exec's raw status bytes, or a sentence
                      ("X", pid, wait status)
 
@@ -36,6 +38,7 @@ RESTART_INTERVAL = 5.0  # a spawner that died is replaced, at most this often
 # by superd itself); 1 MiB buffers cost an mmap, page faults and a munmap per message.
 MAX_REQUEST = 64 << 10
 MAX_REPLY = 8 << 10  # a reply carries at most 4 KiB of failure text
+REPLY_BATCH = 64  # replies (about 20 bytes each) gathered at most before they are sent
 
 
 # -- superd's side ---------------------------------------------------------------------------
@@ -110,13 +113,13 @@ class Spawners:
             if not data:
                 self._died(sock)
                 return
-            message = marshal.loads(data)
-            if message[0] == "S":
-                _, token, pid, failure = message
-                self.inflight[sock].discard(token)
-                self.started(token, pid, failure)
-            else:
-                self.exited(message[1], message[2])
+            for reply in marshal.loads(data):
+                if reply[0] == "S":
+                    _, token, pid, failure = reply
+                    self.inflight[sock].discard(token)
+                    self.started(token, pid, failure)
+                else:
+                    self.exited(reply[1], reply[2])
 
     def _died(self, sock: socket.socket) -> None:
         """A spawner is gone: what it had not started yet fails; its handlers are ours now."""
@@ -167,21 +170,39 @@ def serve(sock: socket.socket) -> None:
     selector.register(sock, selectors.EVENT_READ)
     selector.register(wake_r, selectors.EVENT_READ)
     children: set[int] = set()
+    replies: list[tuple] = []
     open_ = True
     while open_ or children:
-        for key, _ in selector.select():
+        events = selector.select(0 if replies else None)
+        if replies and (not events or len(replies) >= REPLY_BATCH):
+            _answer(sock, replies)  # nothing else to do (or a full batch): tell superd
+        if not events:
+            continue
+        for key, _ in events:
             if key.fileobj is sock:
-                open_ = _requests(sock, devnull, children)
+                open_ = _requests(sock, devnull, children, replies)
                 if not open_:
                     selector.unregister(sock)
                     if not children:
                         return
             else:
                 os.read(wake_r, 512)
-            _reap(sock if open_ else None, children)
+            _reap(children, replies)
+        if not open_:
+            replies.clear()  # superd is gone: nobody to tell
 
 
-def _requests(sock: socket.socket, devnull: int, children: set[int]) -> bool:
+def _answer(sock: socket.socket, replies: list[tuple]) -> None:
+    """Send the replies gathered while busy in one message: superd wakes once for them."""
+    try:
+        sock.sendall(marshal.dumps(tuple(replies)))
+    except OSError:
+        pass
+    replies.clear()
+
+
+def _requests(sock: socket.socket, devnull: int, children: set[int],
+              replies: list[tuple]) -> bool:
     try:
         data, ancdata, _, _ = sock.recvmsg(MAX_REQUEST, socket.CMSG_SPACE(4 * MAX_FDS))
     except InterruptedError:
@@ -210,11 +231,13 @@ def _requests(sock: socket.socket, devnull: int, children: set[int]) -> bool:
         children.add(pid)
         failure = os.read(status_r, 4096) or None  # complete: written before exec or _exit
     os.close(status_r)
-    sock.sendall(marshal.dumps(("S", token, pid, failure)))
+    replies.append(("S", token, pid, failure))
+    if failure:
+        _answer(sock, replies)  # up to 4 KiB of text: keep every message under MAX_REPLY
     return True
 
 
-def _reap(sock: socket.socket | None, children: set[int]) -> None:
+def _reap(children: set[int], replies: list[tuple]) -> None:
     while children:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
@@ -224,11 +247,7 @@ def _reap(sock: socket.socket | None, children: set[int]) -> None:
         if pid == 0:
             return
         children.discard(pid)
-        if sock is not None:
-            try:
-                sock.sendall(marshal.dumps(("X", pid, status)))
-            except OSError:
-                pass
+        replies.append(("X", pid, status))
 
 
 if __name__ == "__main__":
