@@ -115,6 +115,8 @@ class Listener:
         self.sock = sock
         self.passed = passed
         self.stream = sock.type == socket.SOCK_STREAM
+        # Plain ints, read once: socket.family/.type build an IntEnum on every access.
+        self.family, self.kind = int(sock.family), int(sock.type)
         self.backlog = 0
         self.owner: object | None = None  # the ServiceRuntime taking connections from it
         self.inode = _inode(address.path) if address and address.family == socket.AF_UNIX else 0

@@ -80,7 +80,7 @@ class ServiceRuntime:
 
     def accept(self, listener: Listener) -> None:
         sock = listener.sock
-        family, kind = sock.family, sock.type
+        family, kind = listener.family, listener.kind
         for _ in range(ACCEPT_BATCH):
             if self.limits.paused:
                 return

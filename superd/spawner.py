@@ -23,6 +23,7 @@ superd's own children and are reaped and logged as usual.
 from __future__ import annotations
 
 import _posixsubprocess
+import array
 import marshal
 import os
 import selectors
@@ -89,14 +90,15 @@ class Spawners:
         (the caller then spawns in the loop itself)."""
         if not self.socks:
             return None
-        sock = min(self.socks, key=lambda s: len(self.inflight[s]))
+        inflight = self.inflight
+        sock = min(self.socks, key=lambda s: len(inflight[s]))
         self.token += 1
         data = marshal.dumps((self.token, mode, *request))
         if len(data) > MAX_REQUEST:
             return None
         try:
             sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                   b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds))])
+                                   array.array("i", fds).tobytes())])
         except OSError:
             return None
         self.inflight[sock].add(self.token)
