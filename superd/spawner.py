@@ -26,7 +26,7 @@ import _posixsubprocess
 import array
 import marshal
 import os
-import selectors
+import select
 import signal
 import socket
 import sys
@@ -168,28 +168,29 @@ def serve(sock: socket.socket) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
         signal.signal(sig, _ignore)  # a terminal's ^C reaches the process group: not ours
     signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-    selector = selectors.DefaultSelector()
-    selector.register(sock, selectors.EVENT_READ)
-    selector.register(wake_r, selectors.EVENT_READ)
+    poller = select.epoll()  # epoll itself: selectors' bookkeeping costs more than the poll
+    sock_fd = sock.fileno()
+    poller.register(sock_fd, select.EPOLLIN)
+    poller.register(wake_r, select.EPOLLIN)
     children: set[int] = set()
     replies: list[tuple] = []
     open_ = True
     while open_ or children:
-        events = selector.select(0 if replies else None)
+        events = poller.poll(0 if replies else -1)
         if replies and (not events or len(replies) >= REPLY_BATCH):
             _answer(sock, replies)  # nothing else to do (or a full batch): tell superd
         if not events:
             continue
-        for key, _ in events:
-            if key.fileobj is sock:
+        for fd, _ in events:
+            if fd == sock_fd:
                 open_ = _requests(sock, devnull, children, replies)
                 if not open_:
-                    selector.unregister(sock)
+                    poller.unregister(sock_fd)
                     if not children:
                         return
             else:
                 os.read(wake_r, 512)
-            _reap(children, replies)
+        _reap(children, replies)
         if not open_:
             replies.clear()  # superd is gone: nobody to tell
 
@@ -211,9 +212,9 @@ def _requests(sock: socket.socket, devnull: int, children: set[int],
         return True
     if not data:
         return False
-    fds = [int.from_bytes(d[i:i + 4], sys.byteorder) for level, kind, d in ancdata
+    fds = [fd for level, kind, d in ancdata
            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
-           for i in range(0, len(d) - len(d) % 4, 4)]
+           for fd in array.array("i", d[:len(d) - len(d) % 4])]
     token, mode, argv, program, env_list, cwd, gid, groups, uid, umask = marshal.loads(data)
     conn = fds[0]
     stderr = fds[1] if mode == "log" else (conn if mode == "socket" else devnull)
