@@ -69,6 +69,8 @@ SCENARIOS = [
      ["superd", "superd_nolog", "xinetd"]),
 ]
 SUPERDS = ("superd", "superd_nolog")
+CPU_TABLES = ("exec_cat", "exec_tiny")  # scenarios whose RESULTS.md section shows CPU per conn
+CPU_CONCS = (8, 64)
 REFERENCE = "c_epoll"
 NOTES = {
     "udp_echo": "xinetd's numbers are mostly lost datagrams, not slowness: after answering one "
@@ -165,6 +167,46 @@ def proc_status(pid: int) -> dict[str, int]:
                 if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
                     out["ctxt"] += int(line.split()[1])
     return out
+
+
+def proc_cpu(pid: int) -> tuple[float, float]:
+    """(its own CPU seconds, CPU seconds of its reaped children) from /proc/PID/stat."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0, 0.0
+    tck = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / tck, (int(fields[13]) + int(fields[14])) / tck
+
+
+def helpers_of(pid: int) -> list[int]:
+    """superd's spawner processes (its children running superd/spawner.py)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read()
+        except OSError:
+            continue
+        if ppid == pid and b"spawner.py" in cmd:
+            out.append(int(entry))
+    return out
+
+
+def cpu_snapshot(main: int, helpers: list[int]) -> tuple[float, float, float, float, float]:
+    """(server, helpers, handlers) CPU seconds so far, and the machine's busy/total jiffies."""
+    own, kids = proc_cpu(main)
+    helper_cpu = 0.0
+    for pid in helpers:
+        h_own, h_kids = proc_cpu(pid)
+        helper_cpu += h_own
+        kids += h_kids
+    return (own, helper_cpu, kids, *cpu_busy())
 
 
 def cpu_busy() -> tuple[float, float]:
@@ -327,9 +369,14 @@ def run_scenarios(bins: dict[str, str], servers: dict[str, subprocess.Popen]) ->
                 if not server_up(servers, name, service):
                     continue
                 port = PORTS[name][service]
+                main = servers[f"tcpserver_{service}" if name == "tcpserver" else name].pid
+                helpers = helpers_of(main) if name in SUPERDS else []
+                before = cpu_snapshot(main, helpers)
                 r = client(bins, port, conc, udp=(proto == "udp"))
                 if r["completed"] < 25 and proto == "tcp":  # too slow for the window: longer
+                    before = cpu_snapshot(main, helpers)
                     r = client(bins, port, conc, seconds=max(5.0, SECONDS), warmup=1.0)
+                r["cpu"] = cpu_per_connection(before, cpu_snapshot(main, helpers), r)
                 r.update(scenario=key, server=name)
                 runs.append(r)
                 say(f"  {key:10} c={conc:<3} {LABEL[name]:22} {r['rate']:>10.0f}/s  "
@@ -337,6 +384,17 @@ def run_scenarios(bins: dict[str, str], servers: dict[str, subprocess.Popen]) ->
                     f"p99 {r['latency_us']['p99'] / 1000:7.2f} ms  errors {r['error_count']}")
                 time.sleep(0.1)
     return runs
+
+
+def cpu_per_connection(before: tuple, after: tuple, r: dict) -> dict:
+    """What one connection cost the server, its spawners and the handlers (us), and how busy
+    the machine was. Counted over warm-up and run alike (the client's total), so the
+    per-connection figures hold; handlers still running at the end are not in yet."""
+    n = max(1, r.get("completed_all", r["completed"]))
+    d = [b - a for a, b in zip(before, after, strict=True)]
+    return {"server_us": round(1e6 * d[0] / n, 1), "helpers_us": round(1e6 * d[1] / n, 1),
+            "handlers_us": round(1e6 * d[2] / n, 1),
+            "machine_busy": round(d[3] / d[4], 3) if d[4] else None}
 
 
 def loader_capacity(bins: dict[str, str]) -> dict:
@@ -630,6 +688,30 @@ def fmt_x(x: float | None) -> str:
     return "–" if x is None else f"{x:.2f}x"
 
 
+def cpu_table(data: dict, key: str, names: list[str]) -> list[str]:
+    """Where each connection's CPU went, per server (from /proc, around each run)."""
+    out = ["CPU per connection in µs (from /proc: the server's own processes, superd's "
+           "spawners, the handlers it reaped) and how busy the two CPUs were:", "",
+           "| server | " + " | ".join(f"c={c} server | spawners | handlers | busy"
+                                     for c in CPU_CONCS) + " |",
+           "|---|" + "---:|" * (4 * len(CPU_CONCS))]
+    for name in names:
+        cells = []
+        for c in CPU_CONCS:
+            cpu = (pick(data, key, name, c) or {}).get("cpu")
+            if not cpu:
+                cells += ["–"] * 4
+                continue
+            busy = cpu["machine_busy"]
+            cells += [f"{cpu['server_us']:.0f}",
+                      f"{cpu['helpers_us']:.0f}" if name in SUPERDS else "–",
+                      f"{cpu['handlers_us']:.0f}",
+                      f"{100 * busy:.0f}%" if busy is not None else "–"]
+        if any(x != "–" for x in cells):
+            out.append(f"| {LABEL[name]} | " + " | ".join(cells) + " |")
+    return out + [""]
+
+
 def report(data: dict) -> str:
     m = data["machine"]
     st = data["settings"]
@@ -721,6 +803,8 @@ def report(data: dict) -> str:
                 + " |", ""]
         if key in NOTES:
             out += [NOTES[key], ""]
+        if key in CPU_TABLES:
+            out += cpu_table(data, key, names)
     lst = data.get("listeners", {}).get("sets", {})
     if lst:
         out += ["## Listeners (internal echo services on consecutive ports)", "",
@@ -756,6 +840,18 @@ def report(data: dict) -> str:
                        + (f"; best superd or peer rate: {best['rate']:,.0f}/s "
                           f"({LABEL[best['server']]}, {best['scenario']}, "
                           f"c={best['concurrency']})" if best else ""))
+        out += ["", "Per scenario: what one client CPU drives over the fastest rate measured "
+                "in it (below 2x, that scenario's rates are bounded by the client as much as by "
+                "the servers, so superd's ratios there are lower bounds):", "",
+                "| scenario | fastest rate measured | client capacity / it |", "|---|---:|---:|"]
+        for key, title, proto, _service, _names in SCENARIOS:
+            runs = [r for r in data.get("runs", []) if r["scenario"] == key
+                    and r["server"] != REFERENCE]
+            best = max(runs, key=lambda r: r["rate"], default=None)
+            if best and proto in ld and best["rate"]:
+                out.append(f"| {title} | {best['rate']:,.0f}/s ({LABEL[best['server']]}, "
+                           f"c={best['concurrency']}) | "
+                           f"{fmt_x(capacity(ld[proto]) / best['rate'])} |")
         out += ["", "Against the C server, client and server share the 2 CPUs, so the rate "
                 "there is bounded by the server and the kernel as much as by the client; the "
                 "CPU figure is what the client itself needs.", ""]
