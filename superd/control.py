@@ -36,6 +36,9 @@ class ControlSocket:
         old = os.umask(0o177)
         try:
             self.sock.bind(path)
+        except OSError:
+            self.sock.close()
+            raise
         finally:
             os.umask(old)
         os.chmod(path, 0o600)

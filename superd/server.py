@@ -81,12 +81,7 @@ class Server:
                 self.spawned, self.exited, self.log.error)
         except OSError as e:
             self.log.error(f"{e}; exec handlers are started by the loop itself")
-        path = self.table.settings.control_socket
-        try:
-            self.control = ControlSocket(self, path)
-        except OSError as e:
-            self.log.warning(f"control socket {path}: {e.strerror or e}; "
-                             "superd status/reload/stop will not reach this daemon")
+        self.open_control(self.table.settings.control_socket)
         self.log.info(f"started: {len(self.services)} services, pid {os.getpid()}")
         self.notifier.notify("READY=1")
         self.send_status()
@@ -332,6 +327,8 @@ class Server:
         removed = sorted(old.keys() - new.keys())
         changed = sorted(n for n in new.keys() & old.keys() if new[n] != old[n])
         self.install(table, pool)
+        if self.control is None or self.control.path != table.settings.control_socket:
+            self.open_control(table.settings.control_socket)
         parts = [f"{len(new)} services"] + [f"{what} {', '.join(names)}" for what, names in
                                              (("added", added), ("removed", removed),
                                               ("changed", changed)) if names]
@@ -339,6 +336,21 @@ class Server:
         self.notifier.notify("READY=1")
         self.send_status()
         return []
+
+    def open_control(self, path: str) -> None:
+        """Answer `superd status/reload/stop` at `path`; on a reload that moved it, leave the
+        old path only once the new one answers (`superd` reads the path from the table)."""
+        try:
+            control = ControlSocket(self, path)
+        except OSError as e:
+            where = (f"still answering on {self.control.path}" if self.control is not None
+                     else "superd status/reload/stop will not reach this daemon")
+            self.log.warning(f"control socket {path}: {e.strerror or e}; {where}")
+            return
+        if self.control is not None:
+            self.control.close()
+            self.log.info(f"control socket moved to {path}")
+        self.control = control
 
     def stop(self) -> None:
         """SIGTERM/SIGINT: stop listening, SIGTERM handlers, SIGKILL after shutdown_grace."""
