@@ -508,6 +508,17 @@ def pid_alive(pid: int) -> bool:
     return st is not None and st != "Z"
 
 
+def in_session(pid: int, sid: int) -> bool:
+    """`pid` is alive and in session `sid`: still a process the daemon started (the tests
+    start superd in a session of its own), not another process that reused the pid."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return fields[0] != "Z" and int(fields[3]) == sid
+
+
 @dataclass
 class Superd:
     """One superd daemon under test."""
@@ -775,11 +786,13 @@ class Superd:
         if rc != self.expect_rc:
             ISSUES.append(f"{self.test_id}: superd exited {rc} (expected {self.expect_rc}); "
                           f"stderr tail: {self.stderr_text()[-800:]!r}")
-        # Handlers must not outlive the daemon by more than its grace period.
+        # Handlers must not outlive the daemon by more than its grace period. A pid counts only
+        # while it is in superd's session: the pids of START lines wrap over a long test run.
         survivors = []
+        sid = self.pid
         for pid in handler_pids:
             try:
-                wait_until(lambda p=pid: not pid_alive(p), 5.0, f"handler {pid} gone")
+                wait_until(lambda p=pid: not in_session(p, sid), 5.0, f"handler {pid} gone")
             except AssertionError:
                 survivors.append(pid)
         if survivors:
