@@ -10,8 +10,7 @@ spawner does the vfork and exec, answers with the pid, and later reports the exi
 Protocol (SOCK_SEQPACKET, marshal):
   superd -> spawner: (token, stderr_mode, argv, program, env_list, cwd, gid, groups, uid, umask)
                      with fds [connection] or [connection, stderr pipe]
-  spawner -> superd: a tuple of replies, in the order they happened, sent when the spawner
-                     has nothing else ready (so superd wakes once for a busy stretch):
+  spawner -> superd: a tuple of replies, each sent at once (one per message):
                      ("S", token, pid, failure or None)   pid 0 when it could not fork;
                      failure is fork_exec's raw status bytes, or a sentence
                      ("X", pid, wait status)
@@ -39,7 +38,6 @@ RESTART_INTERVAL = 5.0  # a spawner that died is replaced, at most this often
 # by superd itself); 1 MiB buffers cost an mmap, page faults and a munmap per message.
 MAX_REQUEST = 64 << 10
 MAX_REPLY = 8 << 10  # a reply carries at most 4 KiB of failure text
-REPLY_BATCH = 64  # replies (about 20 bytes each) gathered at most before they are sent
 
 
 # -- superd's side ---------------------------------------------------------------------------
@@ -115,7 +113,16 @@ class Spawners:
             if not data:
                 self._died(sock)
                 return
-            for reply in marshal.loads(data):
+            try:
+                replies = marshal.loads(data)
+                if not all(isinstance(r, tuple) and len(r) == {"S": 4, "X": 3}.get(r[0])
+                           for r in replies):
+                    raise ValueError("unexpected shape")
+            except (EOFError, ValueError, TypeError, IndexError) as e:
+                self.lost(f"a spawner sent an unreadable reply ({e})")
+                self._died(sock)  # a helper's bad message must not take superd down
+                return
+            for reply in replies:
                 if reply[0] == "S":
                     _, token, pid, failure = reply
                     self.inflight[sock].discard(token)
@@ -173,39 +180,31 @@ def serve(sock: socket.socket) -> None:
     poller.register(sock_fd, select.EPOLLIN)
     poller.register(wake_r, select.EPOLLIN)
     children: set[int] = set()
-    replies: list[tuple] = []
     open_ = True
     while open_ or children:
-        events = poller.poll(0 if replies else -1)
-        if replies and (not events or len(replies) >= REPLY_BATCH):
-            _answer(sock, replies)  # nothing else to do (or a full batch): tell superd
-        if not events:
-            continue
-        for fd, _ in events:
+        for fd, _ in poller.poll():
             if fd == sock_fd:
-                open_ = _requests(sock, devnull, children, replies)
+                open_ = _requests(sock, devnull, children)
                 if not open_:
                     poller.unregister(sock_fd)
                     if not children:
                         return
             else:
                 os.read(wake_r, 512)
-        _reap(children, replies)
-        if not open_:
-            replies.clear()  # superd is gone: nobody to tell
+        _reap(sock if open_ else None, children)
 
 
-def _answer(sock: socket.socket, replies: list[tuple]) -> None:
-    """Send the replies gathered while busy in one message: superd wakes once for them."""
-    try:
-        sock.sendall(marshal.dumps(tuple(replies)))
-    except OSError:
-        pass
-    replies.clear()
+def _reply(sock: socket.socket | None, reply: tuple) -> None:
+    """Tell superd at once: a reply held back would be lost with a spawner that dies, and
+    superd would count a running handler as failed, or a finished one as running."""
+    if sock is not None:
+        try:
+            sock.sendall(marshal.dumps((reply,)))
+        except OSError:
+            pass
 
 
-def _requests(sock: socket.socket, devnull: int, children: set[int],
-              replies: list[tuple]) -> bool:
+def _requests(sock: socket.socket, devnull: int, children: set[int]) -> bool:
     try:
         data, ancdata, _, _ = sock.recvmsg(MAX_REQUEST, socket.CMSG_SPACE(4 * MAX_FDS))
     except InterruptedError:
@@ -234,13 +233,11 @@ def _requests(sock: socket.socket, devnull: int, children: set[int],
         children.add(pid)
         failure = os.read(status_r, 4096) or None  # complete: written before exec or _exit
     os.close(status_r)
-    replies.append(("S", token, pid, failure))
-    if failure:
-        _answer(sock, replies)  # up to 4 KiB of text: keep every message under MAX_REPLY
+    _reply(sock, ("S", token, pid, failure))
     return True
 
 
-def _reap(children: set[int], replies: list[tuple]) -> None:
+def _reap(sock: socket.socket | None, children: set[int]) -> None:
     while children:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
@@ -250,7 +247,7 @@ def _reap(children: set[int], replies: list[tuple]) -> None:
         if pid == 0:
             return
         children.discard(pid)
-        replies.append(("X", pid, status))
+        _reply(sock, ("X", pid, status))
 
 
 if __name__ == "__main__":
