@@ -51,9 +51,7 @@ class Log:
         """Take (new) syslog settings; reconnect if the address changed."""
         address = settings.syslog_address
         if getattr(self, "address", None) != address and self.sock:
-            self.sock.close()
-            self.sock = None
-            self.next_try = 0.0
+            self._leave()
         self.address = address
         self.journal_owns_syslog = os.path.realpath(address) == JOURNALD_SYSLOG
         self.facility = facility_code(settings.syslog_facility)
@@ -80,10 +78,10 @@ class Log:
             return
         if self.sock is None and time.monotonic() >= self.next_try:
             self._connect()
-        if self.sock is not None:
+        if self.sock is not None:  # on failure _send itself writes the line to stderr
             packet = f"<{self.facility | severity}>{self.stamp} {self.ident}[{self.pid}]: {message}"
             self._send(packet.encode("utf-8", "replace") + self.terminator)
-        if self.sock is None:
+        else:
             sys.stderr.write(f"{self.stamp} {self.ident}[{self.pid}]: {message}\n")
             sys.stderr.flush()
         if self.journal is not None:
@@ -110,6 +108,7 @@ class Log:
             self._queue(data)
         except OSError as e:
             self._lost(e)
+            _to_stderr([data])
 
     def flush(self) -> None:
         """Send the lines gathered while the loop was busy, one datagram each.
@@ -121,13 +120,10 @@ class Log:
         """
         pending, self.pending = self.pending, []
         if self.sock is None and time.monotonic() >= self.next_try:
-            self._connect()  # closed by a reload that moved the address
+            self._connect()  # syslogd was away: see whether it is back
         for i, data in enumerate(pending):
-            if self.sock is None:  # lost while sending: the rest goes where emit() sends it
-                for line in pending[i:]:
-                    sys.stderr.write(line.decode("utf-8", "replace").split(">", 1)[-1]
-                                     .rstrip("\0") + "\n")
-                sys.stderr.flush()
+            if self.sock is None:  # lost (now or before): the rest goes where emit() sends it
+                _to_stderr(pending[i:])
                 return
             if self.backlog:
                 self._queue(data)
@@ -138,6 +134,7 @@ class Log:
                 self._queue(data)
             except OSError as e:
                 self._lost(e)
+                _to_stderr([data])
 
     def _queue(self, data: bytes) -> None:
         """syslogd is behind: keep up to MAX_BACKLOG lines, count what is dropped beyond."""
@@ -182,12 +179,32 @@ class Log:
                 sys.stderr.write(f"superd: syslog socket {self.address} is back; logging there\n")
             return
 
+    def _leave(self) -> None:
+        """The address changes (reload): what is gathered or queued for the old syslogd goes
+        there now, or to stderr; never to the new one ahead of lines logged before."""
+        self.flush()
+        while self.backlog and self.sock is not None:
+            try:
+                self.sock.send(self.backlog[0], socket.MSG_DONTWAIT)
+            except OSError:
+                break
+            self.backlog.popleft()
+        _to_stderr(list(self.backlog))
+        self.backlog.clear()
+        if self.sock is not None:
+            if self.loop is not None:
+                self.loop.remove(self.sock)
+            self.sock.close()
+            self.sock = None
+        self.next_try = 0.0
+
     def _lost(self, error: OSError) -> None:
         if self.sock is not None:
             if self.loop is not None:
                 self.loop.remove(self.sock)
             self.sock.close()
             self.sock = None
+        _to_stderr(list(self.backlog))  # older than anything still to come: stderr keeps order
         self.backlog.clear()
         self.next_try = time.monotonic() + RETRY_SECONDS
         if self.down_since is None:
@@ -211,3 +228,12 @@ class Log:
             self.sock.close()
             self.sock = None
         self.loop = None
+
+
+def _to_stderr(packets: list[bytes]) -> None:
+    """Syslog packets as emit() writes lines to stderr: without the <priority> and the NUL."""
+    if packets:
+        for data in packets:
+            sys.stderr.write(data.decode("utf-8", "replace").split(">", 1)[-1].rstrip("\0")
+                             + "\n")
+        sys.stderr.flush()

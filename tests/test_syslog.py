@@ -112,6 +112,29 @@ def test_missing_syslog_socket_goes_to_stderr_then_back(new_daemon, tmp_path):
         r.stop()
 
 
+def test_no_line_lost_when_syslogd_goes_away(new_daemon, tmp_path):
+    """The line whose send finds syslogd gone, and every line after, goes to stderr."""
+    r = Rsyslog(tmp_path / "rs")
+    r.start()
+    port = free_port()
+    d = new_daemon()
+    line = "START: echo pid=0 from=127.0.0.1"
+    try:
+        d.start({"echo": {"listen": f"127.0.0.1:{port}", "internal": "echo"}},
+                settings={"syslog": {"address": str(r.sock)}})
+        assert tcp_exchange("127.0.0.1", port, b"0\n", expect_len=2) == b"0\n"
+        wait_until(lambda: [ll for ll in r.lines() if ll.msg == line], 5, "START in rsyslog")
+    finally:
+        r.stop()
+    try:
+        for i in range(1, 4):
+            assert tcp_exchange("127.0.0.1", port, b"%d\n" % i, expect_len=2) == b"%d\n" % i
+        wait_until(lambda: d.stderr_text().count(line) >= 3, 5, "3 START lines on stderr")
+        assert d.stderr_text().count(line) == 3, d.stderr_text()
+    finally:
+        d.stop()
+
+
 def test_stderr_socket_and_null(superd, tmp_path):
     mark = uuid.uuid4().hex
     script = write_script(tmp_path / "err.sh", f'#!/bin/sh\necho "out"\necho "err {mark}" >&2\n')
