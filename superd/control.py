@@ -41,10 +41,15 @@ class ControlSocket:
             raise
         finally:
             os.umask(old)
-        os.chmod(path, 0o600)
-        self.inode = os.stat(path).st_ino
-        self.sock.listen(16)
-        self.sock.setblocking(False)
+        try:
+            os.chmod(path, 0o600)
+            self.inode = os.stat(path).st_ino
+            self.sock.listen(16)
+            self.sock.setblocking(False)
+        except OSError:
+            self.sock.close()
+            _unlink(path)  # ours: bound a moment ago
+            raise
         server.loop.add(self.sock, READ, self.accept)
 
     def accept(self, mask: int) -> None:

@@ -510,7 +510,8 @@ def pid_alive(pid: int) -> bool:
 
 def in_session(pid: int, sid: int) -> bool:
     """`pid` is alive and in session `sid`: still a process the daemon started (the tests
-    start superd in a session of its own), not another process that reused the pid."""
+    start superd in a session of its own), not another process that reused the pid. A handler
+    that calls setsid() itself leaves the session and is not seen here."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
