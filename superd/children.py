@@ -28,6 +28,7 @@ class Child:
     timers: list[Timer] = field(default_factory=list)
     timed_out: bool = False
     failure: str | None = None  # why it could not start, once the status pipe said so
+    inode: int = 0  # of the connection, for a handler a spawner starts: how to find it orphaned
 
     def cancel_timers(self) -> None:
         for t in self.timers:

@@ -26,6 +26,7 @@ from superd.spawner import Spawners
 from superd.systemd import Notifier
 
 KILL_AFTER_TERM = 2.0  # `timeout`: SIGKILL this long after SIGTERM (SPEC §2)
+ORPHAN_WAIT = 0.2  # after a spawner died, when its handlers are surely superd's children
 SPAWNERS = max(1, min(4, os.cpu_count() or 1))
 
 
@@ -78,7 +79,7 @@ class Server:
         try:
             self.spawners = Spawners(
                 SPAWNERS, lambda sock, cb: self.loop.add(sock, READ, cb), self.loop.remove,
-                self.spawned, self.exited, self.log.error)
+                self.spawned, self.exited, self.log.error, self.orphaned)
         except OSError as e:
             self.log.error(f"{e}; exec handlers are started by the loop itself")
         self.open_control(self.table.settings.control_socket)
@@ -144,6 +145,31 @@ class Server:
         child.service.running(child)
         if self.stopping:
             self.signal_group(child, signal.SIGTERM)
+
+    def orphaned(self, tokens: list[int]) -> None:
+        """A spawner died before answering these requests: some may have become handlers,
+        which are superd's children a moment later (subreaper). Find them then."""
+        self.loop.call_later(ORPHAN_WAIT, lambda: self.adopt_orphans(tokens))
+
+    def adopt_orphans(self, tokens: list[int]) -> None:
+        """Match unknown children to unanswered requests by the connection on their stdin."""
+        by_inode = {self.pending[t].inode: t for t in tokens if t in self.pending}
+        spawner_pids = set(self.spawners.pids) if self.spawners is not None else set()
+        for pid in own_children():
+            if pid in self.children or pid in spawner_pids:
+                continue
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/0")
+            except OSError:
+                continue
+            if link.startswith("socket:[") and link[8:-1].isdigit():
+                token = by_inode.pop(int(link[8:-1]), None)
+                if token is not None:
+                    self.log.info(f"{self.pending[token].service.name}: handler pid {pid} was "
+                                  "started by a spawner that died before saying so")
+                    self.spawned(token, pid, None)
+        for token in by_inode.values():
+            self.spawned(token, 0, "its spawner process died before starting it")
 
     def handlers(self) -> int:
         """Handler processes of all services, started or on their way (max_children)."""
@@ -405,3 +431,19 @@ class Server:
             }
         return {"services": services, "children": self.handlers(), "pid": os.getpid(),
                 "table": self.table.path}
+
+
+def own_children() -> list[int]:
+    """This process's children (Linux: /proc/PID/task/TID/children)."""
+    pids: list[int] = []
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return pids
+    for tid in tasks:
+        try:
+            with open(f"/proc/self/task/{tid}/children") as f:
+                pids += [int(x) for x in f.read().split()]
+        except OSError:
+            pass
+    return pids

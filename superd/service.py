@@ -205,7 +205,7 @@ class ServiceRuntime:
             fds = [sock.fileno()] + ([self.stderr_pipe()] if mode == "log" else [])
             token = spawners.spawn(mode, request, fds)
             if token is not None:  # the pid comes back later: Server.spawned()
-                child = Child(0, self, peer, -1)
+                child = Child(0, self, peer, -1, inode=os.fstat(sock.fileno()).st_ino)
                 self.children.add(child)
                 self.server.pending[token] = child
                 return

@@ -10,7 +10,8 @@ spawner does the vfork and exec, answers with the pid, and later reports the exi
 Protocol (SOCK_SEQPACKET, marshal):
   superd -> spawner: (token, stderr_mode, argv, program, env_list, cwd, gid, groups, uid, umask)
                      with fds [connection] or [connection, stderr pipe]
-  spawner -> superd: a tuple of replies, each sent at once (one per message):
+  spawner -> superd: tuples of up to 64 replies, in the order they happened, sent when the
+                     spawner has nothing else ready (see Replies):
                      ("S", token, pid, failure or None)   pid 0 when it could not fork;
                      failure is fork_exec's raw status bytes, or a sentence
                      ("X", pid, wait status)
@@ -38,6 +39,7 @@ RESTART_INTERVAL = 5.0  # a spawner that died is replaced, at most this often
 # by superd itself); 1 MiB buffers cost an mmap, page faults and a munmap per message.
 MAX_REQUEST = 64 << 10
 MAX_REPLY = 8 << 10  # a reply carries at most 4 KiB of failure text
+REPLIES_PER_MESSAGE = 64  # about 20 bytes each (one with failure text goes alone)
 
 
 # -- superd's side ---------------------------------------------------------------------------
@@ -48,9 +50,11 @@ class Spawners:
     def __init__(self, count: int, add_reader: Callable[[socket.socket, Callable], None],
                  remove_reader: Callable[[socket.socket], None],
                  started: Callable[[int, int, bytes | str | None], None],
-                 exited: Callable[[int, int], None], lost: Callable[[str], None]):
+                 exited: Callable[[int, int], None], lost: Callable[[str], None],
+                 orphaned: Callable[[list[int]], None]):
         self.add_reader, self.remove_reader = add_reader, remove_reader
         self.started, self.exited, self.lost = started, exited, lost
+        self.orphaned = orphaned
         self.socks: list[socket.socket] = []
         self.pids: list[int] = []
         self.inflight: dict[socket.socket, set[int]] = {}
@@ -131,15 +135,17 @@ class Spawners:
                     self.exited(reply[1], reply[2])
 
     def _died(self, sock: socket.socket) -> None:
-        """A spawner is gone: what it had not started yet fails; its handlers are ours now."""
+        """A spawner is gone: its handlers are ours now (subreaper); the requests it did not
+        answer are settled by superd, which looks for their handlers among its children."""
         self.remove_reader(sock)
         i = self.socks.index(sock)
         self.socks.pop(i)
         self.pids.pop(i)
         sock.close()
-        for token in sorted(self.inflight.pop(sock)):
-            self.started(token, 0, "the spawner process died")
         self.lost("a spawner process died; its handlers are reaped by superd itself")
+        unanswered = sorted(self.inflight.pop(sock))
+        if unanswered:
+            self.orphaned(unanswered)
         if time.monotonic() - self.last_start >= RESTART_INTERVAL:  # replace it, unless
             self.last_start = time.monotonic()                     # they keep dying
             try:
@@ -179,32 +185,68 @@ def serve(sock: socket.socket) -> None:
     sock_fd = sock.fileno()
     poller.register(sock_fd, select.EPOLLIN)
     poller.register(wake_r, select.EPOLLIN)
-    children: set[int] = set()
+    replies = Replies(sock)
     open_ = True
-    while open_ or children:
-        for fd, _ in poller.poll():
+    while open_ or replies.children:
+        events = poller.poll(0 if replies.waiting else -1)
+        if not events:
+            replies.send()  # nothing else ready: reap, and tell superd what happened
+            continue
+        for fd, _ in events:
             if fd == sock_fd:
-                open_ = _requests(sock, devnull, children)
+                open_ = _requests(sock, devnull, replies)
                 if not open_:
                     poller.unregister(sock_fd)
-                    if not children:
+                    replies.sock = None  # superd is gone: nobody to tell
+                    replies.send()
+                    if not replies.children:
                         return
             else:
                 os.read(wake_r, 512)
-        _reap(sock if open_ else None, children)
+                replies.waiting = True  # a child exited: reap it when the stretch ends
 
 
-def _reply(sock: socket.socket | None, reply: tuple) -> None:
-    """Tell superd at once: a reply held back would be lost with a spawner that dies, and
-    superd would count a running handler as failed, or a finished one as running."""
-    if sock is not None:
-        try:
-            sock.sendall(marshal.dumps((reply,)))
-        except OSError:
-            pass
+class Replies:
+    """What superd is told, gathered while the spawner has other work ready, so that a busy
+    stretch costs superd one wake-up instead of two per connection.
+
+    Children are reaped only when the replies go out (`send`): a spawner that dies with
+    replies unsent has reaped nothing it did not report. Its children, exited or not, become
+    superd's (the subreaper's) and are reaped there; handlers it started but did not report,
+    superd recognises by their connection (Server.adopt_orphans).
+    """
+
+    def __init__(self, sock: socket.socket):
+        self.sock: socket.socket | None = sock
+        self.children: set[int] = set()
+        self.items: list[tuple] = []
+        self.waiting = False  # replies or exits not told yet
+
+    def started(self, reply: tuple) -> None:
+        self.items.append(reply)
+        self.waiting = True
+
+    def send(self) -> None:
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                self.children.clear()
+                break
+            if pid == 0:
+                break
+            self.children.discard(pid)
+            self.items.append(("X", pid, status))
+        items, self.items, self.waiting = self.items, [], False
+        for i in range(0, len(items), REPLIES_PER_MESSAGE):
+            if self.sock is not None:
+                try:
+                    self.sock.sendall(marshal.dumps(tuple(items[i:i + REPLIES_PER_MESSAGE])))
+                except OSError:
+                    pass
 
 
-def _requests(sock: socket.socket, devnull: int, children: set[int]) -> bool:
+def _requests(sock: socket.socket, devnull: int, replies: Replies) -> bool:
     try:
         data, ancdata, _, _ = sock.recvmsg(MAX_REQUEST, socket.CMSG_SPACE(4 * MAX_FDS))
     except InterruptedError:
@@ -230,24 +272,13 @@ def _requests(sock: socket.socket, devnull: int, children: set[int]) -> bool:
         for fd in fds:
             os.close(fd)
     if pid:
-        children.add(pid)
+        replies.children.add(pid)
         failure = os.read(status_r, 4096) or None  # complete: written before exec or _exit
     os.close(status_r)
-    _reply(sock, ("S", token, pid, failure))
+    replies.started(("S", token, pid, failure))
+    if failure or len(replies.items) >= REPLIES_PER_MESSAGE:
+        replies.send()  # a failure carries up to 4 KiB of text: alone, it stays small
     return True
-
-
-def _reap(sock: socket.socket | None, children: set[int]) -> None:
-    while children:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            children.clear()
-            return
-        if pid == 0:
-            return
-        children.discard(pid)
-        _reply(sock, ("X", pid, status))
 
 
 if __name__ == "__main__":
