@@ -182,21 +182,28 @@ class Log:
     def _leave(self) -> None:
         """The address changes (reload): what is gathered or queued for the old syslogd goes
         there now, or to stderr; never to the new one ahead of lines logged before."""
-        self.flush()
-        while self.backlog and self.sock is not None:
-            try:
-                self.sock.send(self.backlog[0], socket.MSG_DONTWAIT)
-            except OSError:
-                break
-            self.backlog.popleft()
-        _to_stderr(list(self.backlog))
-        self.backlog.clear()
+        self._hand_over(0.0)
+        self.next_try = 0.0
+
+    def _hand_over(self, wait: float) -> None:
+        """Send what is gathered or queued to the current socket, waiting up to `wait` seconds
+        a line (0: not at all), the rest to stderr; then close the socket."""
+        if self.pending:
+            self.flush()
         if self.sock is not None:
             if self.loop is not None:
                 self.loop.remove(self.sock)
+            self.sock.settimeout(wait)
+            try:
+                while self.backlog:
+                    self.sock.send(self.backlog[0])
+                    self.backlog.popleft()
+            except OSError:
+                pass
             self.sock.close()
             self.sock = None
-        self.next_try = 0.0
+        _to_stderr(list(self.backlog))
+        self.backlog.clear()
 
     def _lost(self, error: OSError) -> None:
         if self.sock is not None:
@@ -214,19 +221,7 @@ class Log:
 
     def close(self) -> None:
         """Flush what is queued (waiting a little, the loop is over) and close."""
-        if self.pending:
-            self.flush()
-        if self.sock is not None:
-            if self.loop is not None:
-                self.loop.remove(self.sock)
-            self.sock.settimeout(1.0)
-            try:
-                while self.backlog:
-                    self.sock.send(self.backlog.popleft())
-            except OSError:
-                pass
-            self.sock.close()
-            self.sock = None
+        self._hand_over(1.0)
         self.loop = None
 
 

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import re
 import socket
-import subprocess
 import threading
 import time
 
 import pytest
+from limits_lib import status
 from superd_testlib import (
-    PY,
-    REPO,
     connect,
     connection_refused,
-    daemon_env,
     free_port,
     recv_exact,
     recv_until_eof,
@@ -207,13 +203,6 @@ def test_unix_service_survives_reload(superd, tmp_path):
         assert recv_until_eof(s, 5) == b"unix\n"
 
 
-def _cli_status(d) -> dict:
-    r = subprocess.run([PY, "-m", "superd", "status", "--json", "-c", str(d.table)], cwd=REPO,
-                       env=daemon_env(), capture_output=True, text=True, timeout=20)
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
-
-
 def test_reload_moves_the_control_socket(superd):
     """`superd status` reads the path from the table: after an edit and a reload it must answer
     there, and the old socket file is gone."""
@@ -224,7 +213,7 @@ def test_reload_moves_the_control_socket(superd):
     d.reload({"echo": echo(port)}, settings={"control_socket": str(new)})
     d.wait_log(rf"^control socket moved to {re.escape(str(new))}$")
     assert new.is_socket() and not old.exists()
-    assert _cli_status(d)["services"]
+    assert status(d)["services"]
     assert tcp_exchange("127.0.0.1", port, b"still\n", expect_len=6) == b"still\n"
 
 
@@ -237,4 +226,4 @@ def test_reload_keeps_the_control_socket_it_cannot_move(superd):
     d.wait_log(rf"^control socket {re.escape(str(blocker))}/ctl.sock: .*; still answering on "
                rf"{re.escape(str(d.ctl))}$")
     d.write_table({"echo": echo(port)})  # the old path in the table again: still reachable
-    assert _cli_status(d)["services"]
+    assert status(d)["services"]
