@@ -1,6 +1,7 @@
 """The command line (SPEC §1): run, check, status, reload, stop, import, --version.
 
-Exit codes: 0 success; 1 a bad table or a refused operation (or no daemon running); 2 usage.
+Exit codes: 0 success; 1 a bad table or a refused operation (or no daemon running); 2 usage;
+70 (EX_SOFTWARE) when `superd run` must stop after an internal error, which it logs first.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from superd import __version__, control, yamlsrc
 from superd.config import Settings, Table, load_table, table_path
 from superd.listeners import Listener
 from superd.yamlsrc import TableError
+
+EX_SOFTWARE = 70
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,8 +66,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from superd.binding import BindError
     from superd.log import Log
-    from superd.server import BindError, Server
+    from superd.server import Server
     from superd.systemd import journal_sender, passed_sockets
 
     path = table_path(args.config)
@@ -81,15 +85,37 @@ def cmd_run(args: argparse.Namespace) -> int:
     log.journal = journal_sender()
     passed = {name: [Listener(None, _protocol_of(s), s, passed=True) for s in socks]
               for name, socks in passed_sockets().items()}
-    server = Server(table, log, passed)
     try:
-        server.start()
-    except BindError as e:
-        print(f"superd: {e}", file=sys.stderr)
-        log.error(str(e))
-        return 1
-    server.run()
+        server = Server(table, log, passed)
+        try:
+            server.start()
+        except BindError as e:
+            print(f"superd: {e}", file=sys.stderr)
+            log.error(str(e))
+            return 1
+        server.run()
+    except Exception as e:  # outside any loop callback: nothing to carry on with
+        return _fatal(log, e)
     return 0
+
+
+def _fatal(log: object, exc: BaseException) -> int:
+    """Say why superd must exit, with the traceback, in the log and on stderr; exit 70."""
+    import traceback
+    lines = [f"superd exits after an internal error: {type(exc).__name__}: {exc}"]
+    lines += [f"  {x}" for chunk in traceback.format_exception(exc)
+              for x in chunk.rstrip("\n").split("\n")]
+    for line in lines:
+        try:
+            log.error(line)  # type: ignore[attr-defined]
+        except Exception:
+            pass
+    try:
+        log.close()  # type: ignore[attr-defined]
+    except Exception:
+        pass
+    print("\n".join(lines), file=sys.stderr)
+    return EX_SOFTWARE
 
 
 def _protocol_of(sock: socket.socket) -> str:

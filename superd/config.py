@@ -91,7 +91,6 @@ class Table:
     path: str
     settings: Settings
     services: tuple[Service, ...]
-    files: tuple[str, ...] = ()
 
     @property
     def enabled(self) -> tuple[Service, ...]:
@@ -144,7 +143,7 @@ def load_table(path: str) -> Table:
         order = {f: i for i, f in enumerate(files)}
         problems.sort(key=lambda p: (order.get(p.file, -1), p.line or 0))
         raise TableError(problems)
-    return Table(path, settings, tuple(svc for svc, _ in services), tuple(files))
+    return Table(path, settings, tuple(svc for svc, _ in services))
 
 
 def _collect(doc: Document, stack: list[str], entries: list[tuple[Document, str]],

@@ -1,8 +1,9 @@
 """The control socket: `superd status`, `reload` and `stop` talk to the running daemon here.
 
-A unix stream socket, mode 0600, at settings.control_socket. One request line per connection
-(`status`, `reload`, `stop`), one JSON answer. The peer's uid is checked with SO_PEERCRED as
-well as by the file mode, so a socket path that someone loosened still refuses strangers.
+A unix stream socket, mode 0600, at settings.control_socket. One request line per connection,
+one JSON answer. The peer's uid is checked with SO_PEERCRED as well as by the file mode, so a
+socket path that someone loosened still refuses strangers. What the commands do is not known
+here: the socket is given a table of them (`status`, `reload`, `stop` from the server).
 """
 
 from __future__ import annotations
@@ -12,20 +13,19 @@ import json
 import os
 import socket
 import struct
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
-from superd.loop import READ
+from superd.loop import READ, Loop
 
-if TYPE_CHECKING:
-    from superd.server import Server
-
+Commands = dict[str, Callable[[], dict[str, Any]]]
 MAX_REQUEST = 256
 FD_PAUSE = 0.5  # out of fds: look at the control socket again this much later
 
 
 class ControlSocket:
-    def __init__(self, server: Server, path: str):
-        self.server, self.path = server, path
+    def __init__(self, loop: Loop, path: str, commands: Commands):
+        self.loop, self.path, self.commands = loop, path, commands
         os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
         try:
             if not os.path.exists(path) or _is_stale(path):
@@ -50,7 +50,7 @@ class ControlSocket:
             self.sock.close()
             _unlink(path)  # ours: bound a moment ago
             raise
-        server.loop.add(self.sock, READ, self.accept)
+        loop.add(self.sock, READ, self.accept)
 
     def accept(self, mask: int) -> None:
         try:
@@ -58,18 +58,18 @@ class ControlSocket:
         except OSError as e:
             if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                 # Still readable: stop watching for a moment instead of spinning.
-                self.server.loop.remove(self.sock)
-                self.server.loop.call_later(FD_PAUSE, self._resume)
+                self.loop.remove(self.sock)
+                self.loop.call_later(FD_PAUSE, self._resume)
             return
         conn.setblocking(False)
-        self.server.loop.add(conn, READ, lambda m: self.request(conn))
+        self.loop.add(conn, READ, lambda m: self.request(conn))
 
     def _resume(self) -> None:
-        if self.sock.fileno() >= 0 and not self.server.loop.watching(self.sock):
-            self.server.loop.add(self.sock, READ, self.accept)
+        if self.sock.fileno() >= 0 and not self.loop.watching(self.sock):
+            self.loop.add(self.sock, READ, self.accept)
 
     def request(self, conn: socket.socket) -> None:
-        self.server.loop.remove(conn)
+        self.loop.remove(conn)
         try:
             # Read the request even from a stranger: closing with unread bytes would reset the
             # connection and the client would never see why it was refused.
@@ -91,21 +91,13 @@ class ControlSocket:
             conn.close()
 
     def answer(self, command: str) -> dict[str, Any]:
-        if command == "status":
-            return self.server.status()
-        if command == "reload":
-            problems = self.server.reload()
-            if problems:
-                return {"error": "reload refused, the running table stays:\n"
-                                 + "\n".join(problems)}
-            return {"ok": True}
-        if command == "stop":
-            self.server.loop.call_later(0, self.server.stop)
-            return {"ok": True}
-        return {"error": f"unknown command {command!r}"}
+        run = self.commands.get(command)
+        if run is None:
+            return {"error": f"unknown command {command!r}"}
+        return run()
 
     def close(self) -> None:
-        self.server.loop.remove(self.sock)
+        self.loop.remove(self.sock)
         self.sock.close()
         try:
             if os.stat(self.path).st_ino == self.inode:

@@ -1,23 +1,22 @@
 """Admission and overload for one service: limits that pause, never switch off (SPEC §4).
 
-Two kinds of answer. `admit()` decides about one accepted peer: refuse it (address, per-source,
-refuse-mode instances, max_children) and say why. `paused` stops the listener from being polled
-at all, so connections wait in the kernel backlog: queue-mode instances, an empty rate bucket,
-crash-loop back-off and running out of fds. Every pause ends by itself: a freed slot, a timer.
+Two kinds of answer. `admit()` decides about one connection that passed the service's stages:
+refuse it (refuse-mode instances, per-source, max_children) and say why. `paused` stops the
+listener from being polled at all, so connections wait in the kernel backlog: queue-mode
+instances, an empty rate bucket, crash-loop back-off and running out of fds. Every pause ends
+by itself: a freed slot, a timer.
+
+A Limits is given what it needs, not its service: a clock, a timer function, how many of its
+handlers are active, whether max_children leaves room, and whom to tell when `paused` changes.
 """
 
 from __future__ import annotations
 
-import time
 from collections import Counter
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
-from superd.access import allowed, is_unicast
 from superd.config import Service
 from superd.loop import Timer
-
-if TYPE_CHECKING:
-    from superd.service import ServiceRuntime
 
 QUICK_EXIT = 1.0  # a non-zero exit sooner than this after start counts toward back-off
 QUICK_EXITS = 5
@@ -26,8 +25,12 @@ FD_BACKOFF_FIRST, FD_BACKOFF_MAX = 0.1, 5.0
 
 
 class Limits:
-    def __init__(self, runtime: ServiceRuntime):
-        self.runtime = runtime
+    def __init__(self, config: Service, *, active: Callable[[], int], clock: Callable[[], float],
+                 call_later: Callable[[float, Callable[[], None]], Timer],
+                 changed: Callable[[], None], warn: Callable[[str], None]):
+        self.active, self.clock, self.call_later = active, clock, call_later
+        self.changed, self.warn = changed, warn
+        self.room: Callable[[], bool] | None = None  # max_children: None when it does not apply
         self.paused: str | None = None
         self.timer: Timer | None = None
         self.per_peer: Counter[str] = Counter()
@@ -35,11 +38,12 @@ class Limits:
         self.backoff = 0.0
         self.fd_backoff = 0.0
         self.tokens = 0.0
-        self.refilled = time.monotonic()
+        self.refilled = clock()
+        self.configure(config, None)
 
-    def configure(self, config: Service) -> None:
+    def configure(self, config: Service, room: Callable[[], bool] | None) -> None:
         self.config = config
-        self.has_rules = bool(config.only_from or config.no_access)
+        self.room = room
         if config.rate:
             self.capacity = float(config.rate[0])
             self.per_second = config.rate[0] / config.rate[1]
@@ -47,39 +51,29 @@ class Limits:
         if self.paused == "service_limit" and not self.full():
             self.resume()
 
-    # -- per peer ---------------------------------------------------------------------------
+    # -- per connection ----------------------------------------------------------------------
 
     def admit(self, peer: str) -> str | None:
         """None to go ahead (and the slot is taken), else the FAIL reason."""
         cfg = self.config
-        if not allowed(peer, cfg.only_from, cfg.no_access):
-            return "address"
-        if cfg.instances is not None and self.runtime.active >= cfg.instances:
+        if cfg.instances is not None and self.active() >= cfg.instances:
             return "service_limit"
         if cfg.per_source is not None and self.per_peer[peer] >= cfg.per_source:
             return "per_source_limit"
-        server = self.runtime.server
-        if self.runtime.builtin is None and server.handlers() >= server.max_children:
+        if self.room is not None and not self.room():
             return "process_limit"
         self.per_peer[peer] += 1
-        self.take_token()
+        if cfg.rate:
+            self.take_token()
         if (cfg.on_limit == "queue" and cfg.instances is not None
-                and self.runtime.active + 1 >= cfg.instances):
+                and self.active() + 1 >= cfg.instances):
             self.pause("service_limit")  # the slot granted now is the last one
         return None
 
-    def datagram_allowed(self, addr: object) -> bool:
-        """Internal datagram services: no privileged source ports, no broadcast, the ACL."""
-        if not isinstance(addr, tuple):
-            return bool(addr)  # a unix datagram peer; an unbound one cannot be answered
-        ip, port = addr[0], addr[1]
-        return port >= 1024 and is_unicast(ip) and (
-            not self.has_rules or allowed(ip, self.config.only_from, self.config.no_access))
-
     def full(self) -> bool:
-        return self.config.instances is not None and self.runtime.active >= self.config.instances
+        return self.config.instances is not None and self.active() >= self.config.instances
 
-    # -- slots coming back ------------------------------------------------------------------
+    # -- slots coming back -------------------------------------------------------------------
 
     def freed(self, peer: str = "") -> None:
         if self.per_peer[peer] > 1:
@@ -96,34 +90,32 @@ class Limits:
             self.quick_failures += 1
             if self.quick_failures >= QUICK_EXITS:
                 self.backoff = min(BACKOFF_MAX, self.backoff * 2 if self.backoff else BACKOFF_FIRST)
-                self.runtime.log.warning(f"BACKOFF: {self.config.name} {self.backoff:g}s")
+                self.warn(f"BACKOFF: {self.config.name} {self.backoff:g}s")
                 self.pause("backoff", self.backoff)
         elif code == 0 or duration >= QUICK_EXIT:
             self.quick_failures = 0
             self.backoff = 0.0
 
-    def out_of_fds(self, error: OSError) -> None:
+    def out_of_fds(self, error: OSError, what: str = "accept") -> None:
+        """An fd could not be had for this service: pause it, 0.1 s doubling up to 5 s."""
         self.fd_backoff = min(FD_BACKOFF_MAX, self.fd_backoff * 2 or FD_BACKOFF_FIRST)
-        self.runtime.log.error(f"{self.config.name}: accept: {error.strerror}; pausing "
-                               f"{self.fd_backoff:g}s")
+        self.warn(f"{self.config.name}: {what}: {error.strerror}; pausing {self.fd_backoff:g}s")
         self.pause("fds", self.fd_backoff)
 
     def accepted_ok(self) -> None:
         self.fd_backoff = 0.0
 
-    # -- rate -------------------------------------------------------------------------------
+    # -- rate --------------------------------------------------------------------------------
 
     def take_token(self) -> None:
-        if not self.config.rate:
-            return
-        now = time.monotonic()
+        now = self.clock()
         self.tokens = min(self.capacity, self.tokens + (now - self.refilled) * self.per_second)
         self.refilled = now
         self.tokens -= 1
         if self.tokens < 1:
             self.pause("rate", (1 - self.tokens) / self.per_second)
 
-    # -- pausing ----------------------------------------------------------------------------
+    # -- pausing -----------------------------------------------------------------------------
 
     def pause(self, reason: str, seconds: float | None = None) -> None:
         if self.timer is not None:
@@ -131,8 +123,8 @@ class Limits:
             self.timer = None
         self.paused = reason
         if seconds is not None:
-            self.timer = self.runtime.loop.call_later(seconds, self.resume)
-        self.runtime.server.poll_service(self.runtime)
+            self.timer = self.call_later(seconds, self.resume)
+        self.changed()
 
     def resume(self) -> None:
         if self.timer is not None:
@@ -141,4 +133,4 @@ class Limits:
         reason, self.paused = self.paused, None
         if reason != "service_limit" and self.config.on_limit == "queue" and self.full():
             self.paused = "service_limit"
-        self.runtime.server.poll_service(self.runtime)
+        self.changed()

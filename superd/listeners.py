@@ -118,7 +118,6 @@ class Listener:
         # Plain ints, read once: socket.family/.type build an IntEnum on every access.
         self.family, self.kind = int(sock.family), int(sock.type)
         self.backlog = 0
-        self.owner: object | None = None  # the ServiceRuntime taking connections from it
         self.inode = _inode(address.path) if address and address.family == socket.AF_UNIX else 0
 
     @classmethod
@@ -140,9 +139,6 @@ class Listener:
             sock.close()
             raise
         return cls(address, protocol, sock)
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
 
     def close(self) -> None:
         """Close, removing our socket file if it is still the one we made."""

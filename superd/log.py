@@ -8,6 +8,7 @@ it must say so once, use stderr, and quietly go back to syslog when the socket a
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import sys
@@ -168,7 +169,7 @@ class Log:
                 sock.connect(self.address)
             except OSError as e:
                 sock.close()
-                if e.errno == 91 and kind == socket.SOCK_DGRAM:  # EPROTOTYPE: a stream syslogd
+                if e.errno == errno.EPROTOTYPE and kind == socket.SOCK_DGRAM:  # a stream syslogd
                     continue
                 self._lost(e)
                 return

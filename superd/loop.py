@@ -5,6 +5,11 @@ already writes each signal's number into a pipe that the selector watches, so si
 and dispatched in the loop like any other event (gunicorn's Arbiter, without the extra queue).
 When idle, the loop sleeps in the selector with no timeout unless a timer is due: no periodic
 wake-ups.
+
+The last-resort guard is here too: an exception that escapes a callback is handed to
+`on_error` (which logs it) and the loop carries on with the next event. One connection or one
+service may fail that way; the daemon does not. An fd whose callback keeps failing is no longer
+watched, so a broken callback cannot spin the loop.
 """
 
 from __future__ import annotations
@@ -14,11 +19,14 @@ import itertools
 import os
 import selectors
 import signal
+import sys
 import time
+import traceback
 from collections.abc import Callable
 
 READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 IDLE_AT_LATEST = 0.1  # `when_idle` callbacks run at the latest this long after being asked for
+SPIN_FAILURES, SPIN_WINDOW = 50, 1.0  # a callback failing this often this fast is unwatched
 
 
 def _ignore(signum: int, frame: object) -> None:
@@ -39,9 +47,20 @@ class Timer:
             self.loop.timer_cancelled()
 
 
+ErrorHandler = Callable[[BaseException, str], None]
+
+
+def _stderr_error(exc: BaseException, where: str) -> None:
+    print(f"superd: internal error in {where}; carrying on", file=sys.stderr)
+    traceback.print_exception(exc)
+
+
 class Loop:
-    def __init__(self, on_signal: Callable[[int], None], signals: tuple[int, ...]):
+    def __init__(self, on_signal: Callable[[int], None], signals: tuple[int, ...],
+                 on_error: ErrorHandler = _stderr_error):
         self.selector = selectors.DefaultSelector()
+        self.on_error = on_error
+        self.failures: dict[object, tuple[int, float]] = {}
         self.timers: list[tuple[float, int, Timer]] = []
         self.cancelled = 0  # cancelled timers still in the heap (roughly)
         self.seq = itertools.count()
@@ -114,18 +133,46 @@ class Loop:
             if not events or time.monotonic() - self.idle_asked >= IDLE_AT_LATEST:
                 idle, self.idle = self.idle, []
                 for callback in idle:
-                    callback()
+                    try:
+                        callback()
+                    except Exception as e:
+                        self.failed(None, callback, e)
                 if not events:
                     events = self.selector.select(timeout)
         else:
             events = self.selector.select(timeout)
         for key, mask in events:
-            key.data(mask)
+            try:
+                key.data(mask)
+            except Exception as e:  # the guard: costs nothing until something raises
+                self.failed(key.fileobj, key.data, e)
         now = time.monotonic()
         while self.timers and self.timers[0][0] <= now:
             timer = heapq.heappop(self.timers)[2]
             if not timer.cancelled:
-                timer.callback()
+                try:
+                    timer.callback()
+                except Exception as e:
+                    self.failed(None, timer.callback, e)
+
+    def failed(self, fileobj: object, callback: object, exc: Exception) -> None:
+        """A callback raised: report it and carry on; stop watching an fd that keeps failing."""
+        where = getattr(callback, "__qualname__", None) or type(callback).__name__
+        self.on_error(exc, where)
+        if fileobj is None:
+            return
+        now = time.monotonic()
+        if len(self.failures) > 1000:
+            self.failures.clear()
+        count, since = self.failures.get(fileobj, (0, now))
+        if now - since > SPIN_WINDOW:
+            count, since = 0, now
+        self.failures[fileobj] = (count + 1, since)
+        if count + 1 >= SPIN_FAILURES:
+            del self.failures[fileobj]
+            self.remove(fileobj)
+            self.on_error(RuntimeError(f"{where} failed {SPIN_FAILURES} times within "
+                                       f"{SPIN_WINDOW:g}s: no longer watching its fd"), where)
 
     def _read_signals(self, mask: int) -> None:
         try:

@@ -8,7 +8,6 @@ that is read when the child is reaped, so a slow exec never stalls the loop.
 
 from __future__ import annotations
 
-import _posixsubprocess
 import fcntl
 import os
 import resource
@@ -20,6 +19,8 @@ from dataclasses import dataclass
 
 from superd.config import Service
 from superd.fields import RLIMITS
+from superd.forkexec import exec_error, fork_exec
+from superd.spawnproto import Request
 
 STANDARD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
@@ -48,6 +49,15 @@ class Prepared:
     argv: tuple[bytes, ...]
     program: tuple[bytes, ...]
     env_list: tuple[bytes, ...]
+    groups: list[int] | None  # supplementary groups to set (only root may)
+
+    def request(self, token: int, env: dict[str, str], stderr_fd: int) -> Request:
+        """What a spawner needs to start this service's handler with `env` added."""
+        svc = self.service
+        env_list = [*self.env_list, *(f"{k}={v}".encode() for k, v in env.items())]
+        stderr = svc.stderr if svc.stderr != "log" or stderr_fd >= 0 else "null"
+        return Request(token, stderr, self.argv, self.program, env_list, svc.cwd, svc.gid,
+                       self.groups, svc.uid, -1 if svc.umask is None else svc.umask)
 
 
 def prepare(service: Service, environ: dict[str, str]) -> Prepared:
@@ -59,15 +69,16 @@ def prepare(service: Service, environ: dict[str, str]) -> Prepared:
     for name in CONNECTION_VARS & env.keys():
         del env[name]
     fast = bool(service.argv) and not service.wait and not service.nice and not service.rlimits
+    groups = list(service.groups) if service.groups is not None and os.geteuid() == 0 else None
     return Prepared(service, env, fast, tuple(os.fsencode(a) for a in service.argv),
                     (os.fsencode(service.program),) if service.program else (),
-                    tuple(f"{k}={v}".encode() for k, v in env.items()))
+                    tuple(f"{k}={v}".encode() for k, v in env.items()), groups)
 
 
 @dataclass
 class Started:
     pid: int
-    status: int  # read end of the exec-status pipe while the outcome is unknown, else -1
+    exec_pipe: int  # read end of the exec-status pipe while the outcome is unknown, else -1
     failure: str | None = None  # why it could not start, when already known
 
 
@@ -119,57 +130,39 @@ def _settle(pid: int, status_r: int) -> Started:
     except BlockingIOError:
         return Started(pid, status_r)  # a real fork: the loop watches the pipe
     os.close(status_r)
-    return Started(pid, -1, _failure(data))
-
-
-def remote_request(prep: Prepared, env: dict[str, str]) -> tuple[str, tuple]:
-    """The same fork_exec arguments as `_fork_exec`, as a spawner request (superd.spawner)."""
-    svc = prep.service
-    env_list = [*prep.env_list, *(f"{k}={v}".encode() for k, v in env.items())]
-    groups = list(svc.groups) if svc.groups is not None and os.geteuid() == 0 else None
-    return svc.stderr, (prep.argv, prep.program, env_list, svc.cwd, svc.gid, groups, svc.uid,
-                        -1 if svc.umask is None else svc.umask)
+    return Started(pid, -1, exec_error(data))
 
 
 def _fork_exec(prep: Prepared, fd: int, env: dict[str, str], status_r: int, status_w: int,
                err_w: int) -> int:
     svc = prep.service
-    stderr = {"log": err_w, "socket": fd, "null": _devnull}[svc.stderr]
+    stderr = _stderr_fd(svc.stderr, fd, err_w)
     env_list = [*prep.env_list, *(f"{k}={v}".encode() for k, v in env.items())]
-    groups = list(svc.groups) if svc.groups is not None and os.geteuid() == 0 else None
-    return _posixsubprocess.fork_exec(
-        prep.argv, prep.program, True, (status_w,), svc.cwd, env_list,
-        fd, -1, -1, fd, -1, stderr, status_r, status_w,
-        True, False, 0,  # restore_signals, no setsid, setpgid(0, 0): its own process group
-        svc.gid, groups, svc.uid, -1 if svc.umask is None else svc.umask, None, True)
+    return fork_exec(prep.argv, prep.program, env=env_list, stdin=fd, stdout=fd, stderr=stderr,
+                     errpipe=(status_r, status_w), cwd=svc.cwd, gid=svc.gid, groups=prep.groups,
+                     uid=svc.uid, umask=-1 if svc.umask is None else svc.umask)
 
 
-def exec_failure(status_fd: int) -> str | None:
+def _stderr_fd(mode: str, conn: int, err_w: int) -> int:
+    """fd 2 of a handler: the service's stderr pipe, the connection, or /dev/null (also when
+    the pipe could not be made: never superd's own stderr)."""
+    fd = {"log": err_w, "socket": conn, "null": _devnull}[mode]
+    return fd if fd >= 0 else _devnull
+
+
+def exec_outcome(pipe: int) -> str | None:
     """Why the child could not start, or None if it did (the pipe closed on exec)."""
     try:
-        data = os.read(status_fd, 4096)
+        data = os.read(pipe, 4096)
     except OSError:
         data = b""
-    os.close(status_fd)
-    return _failure(data)
+    os.close(pipe)
+    return exec_error(data)
 
 
 def failure_text(data: bytes | str | None) -> str | None:
     """A spawner's failure report (raw status bytes or a sentence) as a log sentence."""
-    return _failure(data) if isinstance(data, bytes) else data
-
-
-def _failure(data: bytes) -> str | None:
-    """Our own child writes `Type: reason`; CPython's fork_exec writes `OSError:<hex errno>:...`."""
-    if data.startswith(b"OSError:"):
-        _, code, where = (data.decode("ascii", "replace").split(":", 2) + ["", ""])[:3]
-        try:
-            reason = os.strerror(int(code, 16))
-        except ValueError:
-            reason = "unknown error"
-        where = where.replace("noexec", "").strip(":")
-        return f"OSError: {reason}" + (f" (in {where})" if where else "")
-    return data.decode("utf-8", "replace") or None
+    return exec_error(data) if isinstance(data, bytes) else data
 
 
 def _child(prep: Prepared, sock: socket.socket, env: dict[str, str], wait: bool,
@@ -183,7 +176,7 @@ def _child(prep: Prepared, sock: socket.socket, env: dict[str, str], wait: bool,
             signal.signal(sig, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
         fd = sock.fileno()
-        stderr = {"log": err_w, "socket": fd, "null": _devnull}[svc.stderr]
+        stderr = _stderr_fd(svc.stderr, fd, err_w)
         wanted = [fd, fd, stderr] + ([fd] if wait else [])
         # Move the sources out of the way first, so that dup2 onto 0..3 cannot clobber one.
         high = [fcntl.fcntl(src, fcntl.F_DUPFD_CLOEXEC, 16) for src in wanted + [status_w]]

@@ -1,175 +1,32 @@
-"""Spawner processes: exec handlers off the loop, so spawns overlap instead of queueing.
+"""A spawner process: starts exec handlers for superd, so that spawns overlap.
 
-Starting a program with vfork suspends the caller until the child has exec'd. In the loop
-that serialised every exec service behind the slowest exec, while xinetd and tcpserver fork a
-small process and go straight back to accepting. So superd keeps a few small helper processes
-(fresh interpreters running this file, stdlib only). For each connection of an exec service
-superd sends one request, with the connection's fd attached (SCM_RIGHTS), and goes on; the
-spawner does the vfork and exec, answers with the pid, and later reports the exit status.
+Starting a program with vfork suspends the caller until the child has exec'd. In the loop that
+serialised every exec service behind the slowest exec, while xinetd and tcpserver fork a small
+process and go straight back to accepting. So superd keeps a few of these small processes
+(fresh interpreters running this file, stdlib only; superd/spawners.py is superd's side). Each
+request (superd/spawnproto.py) brings a connection's fd; the spawner forks and execs the
+handler, answers with its pid and later with its exit status.
 
-Protocol (SOCK_SEQPACKET, marshal):
-  superd -> spawner: (token, stderr_mode, argv, program, env_list, cwd, gid, groups, uid, umask)
-                     with fds [connection] or [connection, stderr pipe]
-  spawner -> superd: tuples of up to 64 replies, in the order they happened, sent when the
-                     spawner has nothing else ready (see Replies):
-                     ("S", token, pid, failure or None)   pid 0 when it could not fork;
-                     failure is fork_exec's raw status bytes, or a sentence
-                     ("X", pid, wait status)
-
-superd is a child subreaper (PR_SET_CHILD_SUBREAPER): should a spawner die, its handlers become
-superd's own children and are reaped and logged as usual.
+superd is a child subreaper: should a spawner die, its handlers become superd's own children
+and are reaped and logged as usual.
 """
 
 from __future__ import annotations
 
-import _posixsubprocess
 import array
-import marshal
 import os
 import select
 import signal
 import socket
 import sys
-import time
-from collections.abc import Callable
 
-MAX_FDS = 2
-RESTART_INTERVAL = 5.0  # a spawner that died is replaced, at most this often
-# Receive buffers, allocated per message: a request is well under this (larger ones are spawned
-# by superd itself); 1 MiB buffers cost an mmap, page faults and a munmap per message.
-MAX_REQUEST = 64 << 10
-MAX_REPLY = 8 << 10  # a reply carries at most 4 KiB of failure text
-REPLIES_PER_MESSAGE = 64  # about 20 bytes each (one with failure text goes alone)
+if __name__ == "__main__":  # run as a script: the superd package is the folder above this file
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+from superd import spawnproto  # noqa: E402
+from superd.forkexec import fork_exec  # noqa: E402
+from superd.spawnproto import Exited, Reply, Started  # noqa: E402
 
-# -- superd's side ---------------------------------------------------------------------------
-
-class Spawners:
-    """A small pool of spawner processes, used by the loop without ever blocking on them."""
-
-    def __init__(self, count: int, add_reader: Callable[[socket.socket, Callable], None],
-                 remove_reader: Callable[[socket.socket], None],
-                 started: Callable[[int, int, bytes | str | None], None],
-                 exited: Callable[[int, int], None], lost: Callable[[str], None],
-                 orphaned: Callable[[list[int]], None]):
-        self.add_reader, self.remove_reader = add_reader, remove_reader
-        self.started, self.exited, self.lost = started, exited, lost
-        self.orphaned = orphaned
-        self.socks: list[socket.socket] = []
-        self.pids: list[int] = []
-        self.inflight: dict[socket.socket, set[int]] = {}
-        self.token = 0
-        self.last_start = 0.0
-        _become_subreaper()
-        for _ in range(count):
-            self._start_one()
-
-    def _start_one(self) -> None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        argv = [sys.executable, "-S", "-E", "-s", __file__, str(theirs.fileno())]
-        errpipe_r, errpipe_w = os.pipe2(os.O_CLOEXEC)
-        try:
-            pid = _posixsubprocess.fork_exec(
-                [os.fsencode(a) for a in argv], [os.fsencode(sys.executable)], True,
-                (theirs.fileno(), errpipe_w), "/", None, -1, -1, -1, -1, -1, -1,
-                errpipe_r, errpipe_w, True, False, 0, None, None, None, -1, None, True)
-        finally:
-            os.close(errpipe_w)
-            theirs.close()
-        failure = os.read(errpipe_r, 4096)
-        os.close(errpipe_r)
-        if failure:
-            ours.close()
-            raise OSError(f"cannot start a spawner: {failure.decode(errors='replace')}")
-        ours.setblocking(False)
-        self.socks.append(ours)
-        self.pids.append(pid)
-        self.inflight[ours] = set()
-        self.add_reader(ours, lambda mask, s=ours: self._ready(s))
-
-    def spawn(self, mode: str, request: tuple, fds: list[int]) -> int | None:
-        """Send one spawn request; its token, or None if no spawner can take it right now
-        (the caller then spawns in the loop itself)."""
-        if not self.socks:
-            return None
-        inflight = self.inflight
-        sock = min(self.socks, key=lambda s: len(inflight[s]))
-        self.token += 1
-        data = marshal.dumps((self.token, mode, *request))
-        if len(data) > MAX_REQUEST:
-            return None
-        try:
-            sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                   array.array("i", fds).tobytes())])
-        except OSError:
-            return None
-        self.inflight[sock].add(self.token)
-        return self.token
-
-    def _ready(self, sock: socket.socket) -> None:
-        while True:
-            try:
-                data = sock.recv(MAX_REPLY)
-            except BlockingIOError:
-                return
-            except OSError:
-                data = b""
-            if not data:
-                self._died(sock)
-                return
-            try:
-                replies = marshal.loads(data)
-                if not all(isinstance(r, tuple) and len(r) == {"S": 4, "X": 3}.get(r[0])
-                           for r in replies):
-                    raise ValueError("unexpected shape")
-            except (EOFError, ValueError, TypeError, IndexError) as e:
-                self.lost(f"a spawner sent an unreadable reply ({e})")
-                self._died(sock)  # a helper's bad message must not take superd down
-                return
-            for reply in replies:
-                if reply[0] == "S":
-                    _, token, pid, failure = reply
-                    self.inflight[sock].discard(token)
-                    self.started(token, pid, failure)
-                else:
-                    self.exited(reply[1], reply[2])
-
-    def _died(self, sock: socket.socket) -> None:
-        """A spawner is gone: its handlers are ours now (subreaper); the requests it did not
-        answer are settled by superd, which looks for their handlers among its children."""
-        self.remove_reader(sock)
-        i = self.socks.index(sock)
-        self.socks.pop(i)
-        self.pids.pop(i)
-        sock.close()
-        self.lost("a spawner process died; its handlers are reaped by superd itself")
-        unanswered = sorted(self.inflight.pop(sock))
-        if unanswered:
-            self.orphaned(unanswered)
-        if time.monotonic() - self.last_start >= RESTART_INTERVAL:  # replace it, unless
-            self.last_start = time.monotonic()                     # they keep dying
-            try:
-                self._start_one()
-            except OSError as e:
-                self.lost(str(e))
-
-    def close(self) -> None:
-        for sock in self.socks:
-            self.remove_reader(sock)
-            sock.close()  # a spawner leaves when superd's end closes
-        self.socks.clear()
-
-
-def _become_subreaper() -> None:
-    try:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
-    except (OSError, AttributeError):
-        pass
-
-
-# -- the spawner process ---------------------------------------------------------------------
 
 def _ignore(signum: int, frame: object) -> None:
     """A caught signal is reset to default by exec; an ignored one would stay ignored."""
@@ -194,7 +51,7 @@ def serve(sock: socket.socket) -> None:
             continue
         for fd, _ in events:
             if fd == sock_fd:
-                open_ = _requests(sock, devnull, replies)
+                open_ = _request(sock, devnull, replies)
                 if not open_:
                     poller.unregister(sock_fd)
                     replies.sock = None  # superd is gone: nobody to tell
@@ -213,16 +70,16 @@ class Replies:
     Children are reaped only when the replies go out (`send`): a spawner that dies with
     replies unsent has reaped nothing it did not report. Its children, exited or not, become
     superd's (the subreaper's) and are reaped there; handlers it started but did not report,
-    superd recognises by their connection (Server.adopt_orphans).
+    superd recognises by their connection (ProcessTable.adopt).
     """
 
     def __init__(self, sock: socket.socket):
         self.sock: socket.socket | None = sock
         self.children: set[int] = set()
-        self.items: list[tuple] = []
+        self.items: list[Reply] = []
         self.waiting = False  # replies or exits not told yet
 
-    def started(self, reply: tuple) -> None:
+    def started(self, reply: Started) -> None:
         self.items.append(reply)
         self.waiting = True
 
@@ -236,19 +93,22 @@ class Replies:
             if pid == 0:
                 break
             self.children.discard(pid)
-            self.items.append(("X", pid, status))
+            self.items.append(Exited(pid, status))
         items, self.items, self.waiting = self.items, [], False
-        for i in range(0, len(items), REPLIES_PER_MESSAGE):
+        step = spawnproto.REPLIES_PER_MESSAGE
+        for i in range(0, len(items), step):
             if self.sock is not None:
                 try:
-                    self.sock.sendall(marshal.dumps(tuple(items[i:i + REPLIES_PER_MESSAGE])))
+                    self.sock.sendall(spawnproto.encode_replies(items[i:i + step]))
                 except OSError:
                     pass
 
 
-def _requests(sock: socket.socket, devnull: int, replies: Replies) -> bool:
+def _request(sock: socket.socket, devnull: int, replies: Replies) -> bool:
+    """Serve one request; False once superd has closed its end."""
     try:
-        data, ancdata, _, _ = sock.recvmsg(MAX_REQUEST, socket.CMSG_SPACE(4 * MAX_FDS))
+        data, ancdata, _, _ = sock.recvmsg(spawnproto.MAX_REQUEST,
+                                           socket.CMSG_SPACE(4 * spawnproto.MAX_FDS))
     except InterruptedError:
         return True
     if not data:
@@ -256,29 +116,44 @@ def _requests(sock: socket.socket, devnull: int, replies: Replies) -> bool:
     fds = [fd for level, kind, d in ancdata
            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
            for fd in array.array("i", d[:len(d) - len(d) % 4])]
-    token, mode, argv, program, env_list, cwd, gid, groups, uid, umask = marshal.loads(data)
-    conn = fds[0]
-    stderr = fds[1] if mode == "log" else (conn if mode == "socket" else devnull)
+    try:
+        request = spawnproto.decode_request(data)
+        conn = fds[0]
+        stderr = fds[1] if request.stderr == "log" else (
+            conn if request.stderr == "socket" else devnull)
+    except (ValueError, TypeError, EOFError, IndexError) as e:
+        for fd in fds:
+            os.close(fd)
+        replies.started(Started(spawnproto.token_of(data), 0,
+                                f"a request the spawner could not read ({e})"))
+        replies.send()
+        return True
+    replies.started(_start(request, conn, stderr, fds, replies))
+    if replies.items[-1].failure or len(replies.items) >= spawnproto.REPLIES_PER_MESSAGE:
+        replies.send()  # a failure carries up to 4 KiB of text: alone, it stays small
+    return True
+
+
+def _start(request: spawnproto.Request, conn: int, stderr: int, fds: list[int],
+           replies: Replies) -> Started:
     status_r, status_w = os.pipe2(os.O_CLOEXEC)
     pid, failure = 0, None
     try:
-        pid = _posixsubprocess.fork_exec(
-            argv, program, True, (status_w,), cwd, env_list, conn, -1, -1, conn, -1, stderr,
-            status_r, status_w, True, False, 0, gid, groups, uid, umask, None, True)
-    except OSError as e:
-        failure = f"OSError: cannot fork: {e.strerror}"
+        pid = fork_exec(request.argv, request.program, env=request.env, stdin=conn,
+                        stdout=conn, stderr=stderr, errpipe=(status_r, status_w),
+                        cwd=request.cwd, gid=request.gid, groups=request.groups,
+                        uid=request.uid, umask=request.umask)
+    except (OSError, ValueError, TypeError) as e:
+        failure = f"OSError: cannot fork: {getattr(e, 'strerror', None) or e}"
     finally:
         os.close(status_w)
         for fd in fds:
             os.close(fd)
     if pid:
         replies.children.add(pid)
-        failure = os.read(status_r, 4096) or None  # complete: written before exec or _exit
+        failure = os.read(status_r, spawnproto.MAX_FAILURE) or None  # written before exec
     os.close(status_r)
-    replies.started(("S", token, pid, failure))
-    if failure or len(replies.items) >= REPLIES_PER_MESSAGE:
-        replies.send()  # a failure carries up to 4 KiB of text: alone, it stays small
-    return True
+    return Started(request.token, pid, failure)
 
 
 if __name__ == "__main__":

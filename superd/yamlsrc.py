@@ -202,6 +202,5 @@ class _Converter:
                                 "given twice"))
                     continue
                 out[key] = self.convert(value_node, path + (key,), depth + 1)
-            self.doc.lines.pop(path + ("<key>",), None)
             return out
         raise _Refused(line, f"unsupported YAML node {type(node).__name__}")

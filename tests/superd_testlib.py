@@ -95,14 +95,16 @@ def port_is_free(port: int) -> bool:
     return True
 
 
-def free_port() -> int:
-    """A TCP+UDP port free on 127.0.0.1 and ::1, never handed out before in this session.
+# Test ports: below the kernel's ephemeral range, so client sockets don't collide with them.
+# SUPERD_TEST_PORTS=LOW-HIGH keeps two suites that run at once on one machine apart.
+PORT_RANGE = tuple(int(x) for x in os.environ.get("SUPERD_TEST_PORTS", "20000-32000").split("-"))
 
-    Taken below the kernel's ephemeral range so client sockets don't collide with it.
-    """
+
+def free_port() -> int:
+    """A TCP+UDP port free on 127.0.0.1 and ::1, never handed out before in this session."""
     with _PORT_LOCK:
         for _ in range(500):
-            port = _rng.randint(20000, 32000)
+            port = _rng.randint(*PORT_RANGE)
             if port in USED_PORTS:
                 continue
             if port_is_free(port):

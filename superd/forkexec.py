@@ -1,0 +1,58 @@
+"""The one call into CPython's C fork-and-exec, with named arguments.
+
+`_posixsubprocess.fork_exec` is what `subprocess` uses: it forks (vfork where it can), sets up
+fds, credentials and the umask in C, and execs, never running Python code in the child. Its
+arguments are positional and their number changes between Python versions, so superd spells
+them here only. Stdlib only: the spawner processes (superd/spawner.py) import this file too.
+"""
+
+from __future__ import annotations
+
+import _posixsubprocess
+import os
+import sys
+from collections.abc import Sequence
+
+_VFORK_ARGUMENT = sys.version_info < (3, 14)  # 3.14 dropped the trailing allow_vfork
+
+
+def fork_exec(argv: Sequence[bytes], program: Sequence[bytes], *, env: Sequence[bytes] | None,
+              stdin: int, stdout: int, stderr: int, errpipe: tuple[int, int],
+              keep: tuple[int, ...] = (), cwd: str = "/", new_session: bool = False,
+              gid: int | None = None, groups: list[int] | None = None, uid: int | None = None,
+              umask: int = -1) -> int:
+    """Start `program` with `argv`; return its pid.
+
+    fds 0, 1 and 2 become `stdin`, `stdout` and `stderr`; every other fd is closed except
+    `keep` (and the write end of `errpipe`, which is close-on-exec: it closes by itself when
+    the exec succeeds, and otherwise carries `OSError:<hex errno>:<where>` to its read end).
+    The child leads a process group of its own, so that a signal to the group reaches what
+    it starts; with `new_session` it also leads a new session with no controlling terminal
+    (setsid). Signals that Python ignores (SIGPIPE, SIGXFSZ) are reset to their default.
+    """
+    args: list[object] = [
+        list(argv), list(program), True, tuple(sorted({*keep, errpipe[1]})), cwd, env,
+        stdin, -1, -1, stdout, -1, stderr, errpipe[0], errpipe[1],
+        True, new_session, -1 if new_session else 0, gid, groups, uid, umask, None]
+    if _VFORK_ARGUMENT:
+        args.append(True)
+    return _posixsubprocess.fork_exec(*args)  # type: ignore[no-any-return]
+
+
+def exec_error(data: bytes) -> str | None:
+    """What the child wrote to the error pipe, as a sentence; None when it wrote nothing.
+
+    CPython's child writes `OSError:<hex errno>:<where>` ("noexec" when exec itself failed);
+    superd's own forked children write `Type: reason`.
+    """
+    if not data:
+        return None
+    if data.startswith(b"OSError:"):
+        _, code, where = (data.decode("ascii", "replace").split(":", 2) + ["", ""])[:3]
+        try:
+            reason = os.strerror(int(code, 16))
+        except ValueError:
+            reason = "unknown error"
+        where = where.replace("noexec", "").strip(":")
+        return f"OSError: {reason}" + (f" (in {where})" if where else "")
+    return data.decode("utf-8", "replace")
