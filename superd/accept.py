@@ -22,7 +22,7 @@ ACCEPT_BATCH = 64  # connections per wake-up per listener; the rest wait for the
 DATAGRAM_BATCH = 256
 FD_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 PEER_GONE = (errno.ECONNABORTED, errno.EPROTO, errno.EPERM)
-PROTO = {socket.AF_INET: "TCP", socket.AF_INET6: "TCP", socket.AF_UNIX: "UNIX"}
+PROTO = {int(socket.AF_INET): "TCP", int(socket.AF_INET6): "TCP", int(socket.AF_UNIX): "UNIX"}
 
 
 def accept_connections(listener: Listener, limits: Limits, begin: Callable[[Connection], None],

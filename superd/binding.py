@@ -11,7 +11,7 @@ import errno
 from collections.abc import Callable
 
 from superd.config import Service, Table
-from superd.listeners import Address, Listener
+from superd.listeners import Address, Key, Listener
 
 
 class BindError(Exception):
@@ -22,7 +22,7 @@ def _bind_error(svc: Service, addr: Address, e: OSError) -> str:
     return f"services.{svc.name}.listen: cannot bind {addr}: {e.strerror} ({svc.where})"
 
 
-def _in_the_way(going: dict[tuple, Listener], svc: Service, addr: Address) -> bool:
+def _in_the_way(going: dict[Key, Listener], svc: Service, addr: Address) -> bool:
     """Is one of the sockets this reload gives up bound over `addr`, for the same kind?"""
     return any(lst.address is not None and lst.stream == svc.stream and lst.address.overlaps(addr)
                for lst in going.values())
@@ -31,7 +31,7 @@ def _in_the_way(going: dict[tuple, Listener], svc: Service, addr: Address) -> bo
 class ListenerPool:
     def __init__(self, passed: dict[str, list[Listener]], info: Callable[[str], None],
                  unwatch: Callable[[Listener], None]):
-        self.pool: dict[tuple, Listener] = {}
+        self.pool: dict[Key, Listener] = {}
         self.passed = passed
         self.info, self.unwatch = info, unwatch
 
@@ -44,7 +44,7 @@ class ListenerPool:
     def all(self) -> list[Listener]:
         return [*self.pool.values(), *(p for ps in self.passed.values() for p in ps)]
 
-    def bind(self, table: Table) -> dict[tuple, Listener]:
+    def bind(self, table: Table) -> dict[Key, Listener]:
         """Listeners for `table`: reused from the pool where the address is the same.
 
         New addresses are bound while the old sockets still serve. Only an address that
@@ -52,7 +52,7 @@ class ListenerPool:
         refuses both at once. Those are bound last, right after closing what is in the way,
         and if that still fails the old sockets are bound again and BindError is raised.
         """
-        pool: dict[tuple, Listener] = {}
+        pool: dict[Key, Listener] = {}
         deferred: list[tuple[Service, Address]] = []
         wanted = {a.key(s.protocol) for s in table.enabled if s.name not in self.passed
                   for a in s.listen}
@@ -87,8 +87,8 @@ class ListenerPool:
         listener.backlog = svc.backlog
         return listener
 
-    def _rebind_over(self, going: dict[tuple, Listener], deferred: list[tuple[Service, Address]],
-                     pool: dict[tuple, Listener]) -> None:
+    def _rebind_over(self, going: dict[Key, Listener], deferred: list[tuple[Service, Address]],
+                     pool: dict[Key, Listener]) -> None:
         """Close the old sockets in the way of `deferred`, bind those; undo on failure."""
         closed = {k: lst for k, lst in going.items()
                   if any(_in_the_way({k: lst}, svc, addr) for svc, addr in deferred)}
@@ -113,7 +113,7 @@ class ListenerPool:
                 self.pool[key] = again
             raise BindError(_bind_error(svc, addr, e)) from None
 
-    def install(self, pool: dict[tuple, Listener]) -> None:
+    def install(self, pool: dict[Key, Listener]) -> None:
         """Switch to `pool`: close the sockets it does not keep."""
         for key, listener in self.pool.items():
             if key not in pool:

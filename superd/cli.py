@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import sys
+from typing import Any, TextIO
 
 from superd import __version__, control, yamlsrc
 from superd.config import Settings, Table, load_table, table_path
@@ -47,12 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     return COMMANDS[args.command](args)
 
 
-def _load(path: str, out: object) -> Table | None:
+def _load(path: str, out: TextIO) -> Table | None:
     try:
         return load_table(path)
     except TableError as e:
         for problem in e.problems:
-            print(problem, file=out)  # type: ignore[arg-type]
+            print(problem, file=out)
         return None
 
 
@@ -151,7 +152,7 @@ def _control_path(path: str) -> str | None:
     return sock if isinstance(sock, str) and sock.startswith("/") else Settings().control_socket
 
 
-def _ask(args: argparse.Namespace, command: str) -> dict | None:
+def _ask(args: argparse.Namespace, command: str) -> dict[str, Any] | None:
     sock_path = _control_path(table_path(args.config))
     if sock_path is None:
         return None

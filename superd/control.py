@@ -139,4 +139,5 @@ def request(path: str, command: str, timeout: float = 10.0) -> dict[str, Any]:
             data += chunk
     finally:
         sock.close()
-    return json.loads(data)
+    answer: dict[str, Any] = json.loads(data)
+    return answer

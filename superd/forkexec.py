@@ -13,8 +13,6 @@ import os
 import sys
 from collections.abc import Sequence
 
-_VFORK_ARGUMENT = sys.version_info < (3, 14)  # 3.14 dropped the trailing allow_vfork
-
 
 def fork_exec(argv: Sequence[bytes], program: Sequence[bytes], *, env: Sequence[bytes] | None,
               stdin: int, stdout: int, stderr: int, errpipe: tuple[int, int],
@@ -30,13 +28,17 @@ def fork_exec(argv: Sequence[bytes], program: Sequence[bytes], *, env: Sequence[
     it starts; with `new_session` it also leads a new session with no controlling terminal
     (setsid). Signals that Python ignores (SIGPIPE, SIGXFSZ) are reset to their default.
     """
-    args: list[object] = [
-        list(argv), list(program), True, tuple(sorted({*keep, errpipe[1]})), cwd, env,
-        stdin, -1, -1, stdout, -1, stderr, errpipe[0], errpipe[1],
-        True, new_session, -1 if new_session else 0, gid, groups, uid, umask, None]
-    if _VFORK_ARGUMENT:
-        args.append(True)
-    return _posixsubprocess.fork_exec(*args)  # type: ignore[no-any-return]
+    pass_fds = tuple(sorted({*keep, errpipe[1]}))
+    pgid = -1 if new_session else 0
+    if sys.version_info >= (3, 14):  # allow_vfork is gone: vfork is used where it is safe
+        return _posixsubprocess.fork_exec(
+            list(argv), list(program), True, pass_fds, cwd, env, stdin, -1, -1, stdout, -1,
+            stderr, errpipe[0], errpipe[1], True, new_session, pgid, gid, groups, uid, umask,
+            None)
+    return _posixsubprocess.fork_exec(
+        list(argv), list(program), True, pass_fds, cwd, env, stdin, -1, -1, stdout, -1,
+        stderr, errpipe[0], errpipe[1], True, new_session, pgid, gid, groups, uid, umask,
+        None, True)  # type: ignore[arg-type]  # None: no preexec_fn (the stub wants one)
 
 
 def exec_error(data: bytes) -> str | None:

@@ -176,7 +176,8 @@ class Chargen(Session):
 class Answer(Session):
     """Daytime and time: send the answer, close, done. No polling at all."""
 
-    reply: Callable[[], bytes] = staticmethod(bytes)
+    def reply(self) -> bytes:
+        return b""
 
     def start(self) -> None:
         try:
@@ -189,11 +190,13 @@ class Answer(Session):
 
 
 class Daytime(Answer):
-    reply = staticmethod(daytime_text)
+    def reply(self) -> bytes:
+        return daytime_text()
 
 
 class Time(Answer):
-    reply = staticmethod(time_bytes)
+    def reply(self) -> bytes:
+        return time_bytes()
 
 
 def _chargen_datagram(data: bytes) -> bytes:

@@ -23,6 +23,9 @@ PROTOCOLS = {
 }
 
 
+Key = tuple[object, ...]  # what makes two listeners the same socket (Address.key)
+
+
 @dataclass(frozen=True)
 class Address:
     """One parsed `listen` entry."""
@@ -38,7 +41,7 @@ class Address:
     def sockaddr(self) -> str | tuple[str, int]:
         return self.path if self.family == socket.AF_UNIX else (self.host, self.port)
 
-    def key(self, protocol: str) -> tuple:
+    def key(self, protocol: str) -> Key:
         """What makes two listeners the same socket (the written form does not)."""
         return (protocol, self.family, self.host, self.port, self.path, self.v6only)
 
@@ -142,9 +145,10 @@ class Listener:
 
     def close(self) -> None:
         """Close, removing our socket file if it is still the one we made."""
-        if self.inode and not self.passed and _inode(self.address.path) == self.inode:
+        address = self.address
+        if address and self.inode and not self.passed and _inode(address.path) == self.inode:
             try:
-                os.unlink(self.address.path)
+                os.unlink(address.path)
             except OSError:
                 pass
         self.sock.close()

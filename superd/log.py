@@ -28,7 +28,7 @@ JOURNALD_SYSLOG = "/run/systemd/journal/dev-log"  # where /dev/log points when j
 
 
 def facility_code(name: str) -> int:
-    return getattr(_syslog, f"LOG_{name.upper()}")
+    return int(getattr(_syslog, f"LOG_{name.upper()}"))
 
 
 class Log:

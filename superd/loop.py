@@ -19,6 +19,7 @@ import itertools
 import os
 import selectors
 import signal
+import socket
 import sys
 import time
 import traceback
@@ -48,6 +49,7 @@ class Timer:
 
 
 ErrorHandler = Callable[[BaseException, str], None]
+FileObject = int | socket.socket  # what the selector watches: an fd or a socket
 
 
 def _stderr_error(exc: BaseException, where: str) -> None:
@@ -76,19 +78,19 @@ class Loop:
 
     # -- file descriptors -------------------------------------------------------------------
 
-    def add(self, fileobj: object, events: int, callback: Callable[[int], None]) -> None:
+    def add(self, fileobj: FileObject, events: int, callback: Callable[[int], None]) -> None:
         self.selector.register(fileobj, events, callback)
 
-    def modify(self, fileobj: object, events: int, callback: Callable[[int], None]) -> None:
+    def modify(self, fileobj: FileObject, events: int, callback: Callable[[int], None]) -> None:
         self.selector.modify(fileobj, events, callback)
 
-    def remove(self, fileobj: object) -> None:
+    def remove(self, fileobj: FileObject) -> None:
         try:
             self.selector.unregister(fileobj)
         except (KeyError, ValueError):
             pass
 
-    def watching(self, fileobj: object) -> bool:
+    def watching(self, fileobj: FileObject) -> bool:
         try:
             self.selector.get_key(fileobj)
         except (KeyError, ValueError):
@@ -170,7 +172,7 @@ class Loop:
         self.failures[fileobj] = (count + 1, since)
         if count + 1 >= SPIN_FAILURES:
             del self.failures[fileobj]
-            self.remove(fileobj)
+            self.remove(fileobj)  # type: ignore[arg-type]
             self.on_error(RuntimeError(f"{where} failed {SPIN_FAILURES} times within "
                                        f"{SPIN_WINDOW:g}s: no longer watching its fd"), where)
 

@@ -16,9 +16,9 @@ import traceback
 from typing import Any
 
 from superd.binding import BindError, ListenerPool
-from superd.config import Table, TableError, load_table
+from superd.config import Table, load_table
 from superd.control import ControlSocket
-from superd.listeners import Listener
+from superd.listeners import Key, Listener
 from superd.log import Log
 from superd.loop import READ, Loop, Timer
 from superd.processes import ProcessTable
@@ -27,6 +27,7 @@ from superd.spawn import HANDLED_SIGNALS
 from superd.spawners import Spawners
 from superd.start import Starter
 from superd.systemd import Notifier
+from superd.yamlsrc import TableError
 
 ORPHAN_WAIT = 0.2  # after a spawner died, when its handlers are surely superd's children
 SPAWNERS = max(1, min(4, os.cpu_count() or 1))
@@ -144,7 +145,7 @@ class Server:
 
     # -- the table ---------------------------------------------------------------------------
 
-    def install(self, table: Table, pool: dict[tuple, Listener]) -> None:
+    def install(self, table: Table, pool: dict[Key, Listener]) -> None:
         """Switch to `table` and `pool`: close what is gone, hand listeners to services."""
         for listener in self.listeners.all():
             self.unwatch(listener)  # each service watches its own again below

@@ -128,8 +128,9 @@ def _request(sock: socket.socket, devnull: int, replies: Replies) -> bool:
                                 f"a request the spawner could not read ({e})"))
         replies.send()
         return True
-    replies.started(_start(request, conn, stderr, fds, replies))
-    if replies.items[-1].failure or len(replies.items) >= spawnproto.REPLIES_PER_MESSAGE:
+    started = _start(request, conn, stderr, fds, replies)
+    replies.started(started)
+    if started.failure or len(replies.items) >= spawnproto.REPLIES_PER_MESSAGE:
         replies.send()  # a failure carries up to 4 KiB of text: alone, it stays small
     return True
 
@@ -137,7 +138,7 @@ def _request(sock: socket.socket, devnull: int, replies: Replies) -> bool:
 def _start(request: spawnproto.Request, conn: int, stderr: int, fds: list[int],
            replies: Replies) -> Started:
     status_r, status_w = os.pipe2(os.O_CLOEXEC)
-    pid, failure = 0, None
+    pid, failure = 0, None  # type: tuple[int, bytes | str | None]
     try:
         pid = fork_exec(request.argv, request.program, env=request.env, stdin=conn,
                         stdout=conn, stderr=stderr, errpipe=(status_r, status_w),

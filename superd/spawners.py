@@ -14,6 +14,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 
 from superd import spawner, spawnproto
 from superd.forkexec import exec_error, fork_exec
@@ -64,7 +65,7 @@ class Spawners:
         self.socks.append(ours)
         self.pids.append(pid)
         self.inflight[ours] = set()
-        self.watch(ours, lambda mask, s=ours: self._ready(s))
+        self.watch(ours, partial(self._ready, ours))
 
     def next_token(self) -> int:
         self.token += 1
@@ -88,7 +89,7 @@ class Spawners:
         inflight[sock].add(request.token)
         return True
 
-    def _ready(self, sock: socket.socket) -> None:
+    def _ready(self, sock: socket.socket, mask: int) -> None:
         while True:
             try:
                 data = sock.recv(spawnproto.MAX_REPLY)
@@ -106,7 +107,7 @@ class Spawners:
                 self._died(sock)  # a helper's bad message must not take superd down
                 return
             for reply in replies:
-                if type(reply) is Started:
+                if isinstance(reply, Started):
                     self.inflight[sock].discard(reply.token)
                     self.started(reply.token, reply.pid, reply.failure)
                 else:

@@ -51,7 +51,7 @@ class Exited(NamedTuple):
 
 
 Reply = Started | Exited
-_TAGS = {"S": Started, "X": Exited}
+_TAGS: dict[str, type[Started] | type[Exited]] = {"S": Started, "X": Exited}
 
 
 def encode_request(request: Request) -> bytes:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 
 from systemd import daemon
 
@@ -49,7 +50,10 @@ def passed_sockets() -> dict[str, list[socket.socket]]:
     return out
 
 
-def journal_sender():  # type: ignore[no-untyped-def]
+JournalSender = Callable[[str, int, dict[str, str]], None]
+
+
+def journal_sender() -> JournalSender | None:
     """A function that sends a record with fields to the journal, or None outside systemd."""
     if not os.environ.get("JOURNAL_STREAM") and not os.environ.get("INVOCATION_ID"):
         return None

@@ -139,11 +139,11 @@ class _CountingLoader(yaml.SafeLoader):
         super().__init__(text)
         self.nodes = 0
 
-    def compose_node(self, parent: Node | None, index: object) -> Node:  # type: ignore[override]
+    def compose_node(self, parent: Node | None, index: object) -> Node:
         self.nodes += 1
         if self.nodes > MAX_NODES:
             raise yaml.YAMLError(f"more than {MAX_NODES} values")
-        return super().compose_node(parent, index)  # type: ignore[arg-type]
+        return super().compose_node(parent, index)  # type: ignore[arg-type,return-value]
 
     def get_single_node(self) -> Node | None:
         try:

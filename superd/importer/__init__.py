@@ -40,10 +40,10 @@ def run_import(kind: str, file: str, check: bool = False) -> int:
                  "it may be saved anywhere."]
     text, table, problems = settle(t)
     sys.stdout.write(text)
-    for e in t.entries:
-        if e.unloadable:
-            print(f"superd import: {e.source}: {e.name} is commented out, it would not load "
-                  f"here: {e.unloadable}", file=sys.stderr)
+    for entry in t.entries:
+        if entry.unloadable:
+            print(f"superd import: {entry.source}: {entry.name} is commented out, it would not "
+                  f"load here: {entry.unloadable}", file=sys.stderr)
     if table is None:
         for p in problems:
             print(f"superd import: the result would not load: {p}", file=sys.stderr)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+from collections.abc import Iterator
 
 from superd.fields import INTERNAL
 from superd.importer.common import (
@@ -72,7 +73,8 @@ def translate(path: str) -> Translation:
     return t
 
 
-def _logical_lines(lines: list[str], pending: list[str], t: Translation):
+def _logical_lines(lines: list[str], pending: list[str],
+                   t: Translation) -> Iterator[tuple[int, str, bool, list[str]]]:
     """Yield (line number, text, disabled, comments above) per entry; continuation lines
     (starting with a blank) are joined to their entry as inetd does."""
     i = 0

@@ -216,9 +216,9 @@ def _service(block: Block, d: Defaults) -> Svc | Remark:
     entry.suffix = "udp" if transport == "udp" else ""
     if transport == "udp":
         entry.keys["protocol"] = "udp"
-    for problem in block.broken:
+    for broken in block.broken:
         entry.keys["disabled"] = True
-        entry.note(f"xinetd rejects this entry ({problem}); kept, disabled")
+        entry.note(f"xinetd rejects this entry ({broken}); kept, disabled")
     problem = _run(entry, block.name, seen, types, flags, socktype)
     if problem:
         return not_carried(block.where, problem, original)
@@ -348,8 +348,9 @@ def _finish_service(s: Svc, d: Defaults, dflt: dict) -> None:
         e.note("its no_access names hosts superd cannot match; kept disabled so it does not "
                "let in more than before (write their addresses, then enable it)")
     for key in ("log_on_success", "log_on_failure"):
-        if s.sets[key] is not None:
-            got = xv.log_fields(s.sets[key], key == "log_on_success", "", xv.QUIET, "")
+        fields = s.sets[key]
+        if fields is not None:
+            got = xv.log_fields(fields, key == "log_on_success", "", xv.QUIET, "")
             if got != dflt.get(key):
                 e.keys[key] = got
     if (s.sets["passenv"] or []) != dflt.get("passenv", []):
