@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import _socket
 import errno
+import os
 import socket
+import stat
 import struct
 from collections.abc import Callable
 
@@ -52,39 +54,102 @@ def accept_connections(listener: Listener, limits: Limits, begin: Callable[[Conn
 
 
 def answer_datagrams(listener: Listener, answer: Callable[[bytes], bytes | None],
-                     only_from: tuple[Network, ...], no_access: tuple[Network, ...]) -> None:
-    """Answer queued datagrams until the socket is empty (or a batch is done).
+                     only_from: tuple[Network, ...], no_access: tuple[Network, ...],
+                     own_ports: frozenset[int], limits: Limits) -> tuple[int, int]:
+    """Answer queued datagrams until the socket is empty, a batch is done or `rate` pauses
+    the service; return how many were answered and how many dropped.
 
-    The hot loop of UDP echo: names are bound to locals and the common case (no access
-    rules, an unprivileged unicast source) costs no function call.
+    Never answered: privileged source ports (another server's echo), the ports of superd's
+    own datagram listeners (one spoofed datagram would start echo and chargen answering each
+    other for ever: FreeBSD inetd's check_loop), broadcast and multicast sources, and
+    sources the access rules refuse. The hot loop of UDP echo: names are bound to locals.
     """
     recvfrom, sendto = listener.sock.recvfrom, listener.sock.sendto
-    checked = bool(only_from or no_access) or listener.family == socket.AF_UNIX
+    checked = bool(only_from or no_access)
+    rate = limits.config.rate is not None
+    answered = dropped = 0
     for _ in range(DATAGRAM_BATCH):
+        if rate and limits.paused:
+            break  # the rest wait in the socket's buffer (or the kernel drops them)
         try:
             data, addr = recvfrom(65536)
         except OSError:
-            return  # EAGAIN: drained
-        if checked:
-            if not datagram_allowed(addr, only_from, no_access):
-                continue
-        elif addr[1] < 1024 or not is_unicast(addr[0]):
+            break  # EAGAIN: drained
+        port = addr[1]
+        if port < 1024 or port in own_ports or not is_unicast(addr[0]) or (
+                checked and not allowed(addr[0], only_from, no_access)):
+            dropped += 1
             continue
         reply = answer(data)
         if reply is not None:
             try:
                 sendto(reply, addr)
             except OSError:
-                pass
+                dropped += 1
+                continue
+        answered += 1
+        if rate:
+            limits.take_token()
+    return answered, dropped
 
 
-def datagram_allowed(addr: object, only_from: tuple[Network, ...],
-                     no_access: tuple[Network, ...]) -> bool:
-    """Internal datagram services: no privileged source ports, no broadcast, the ACL."""
-    if not isinstance(addr, tuple):
-        return bool(addr)  # a unix datagram peer; an unbound one cannot be answered
-    ip, port = addr[0], addr[1]
-    return port >= 1024 and is_unicast(ip) and allowed(ip, only_from, no_access)
+CREDENTIALS = socket.CMSG_SPACE(struct.calcsize("3i"))
+
+
+def answer_unix_datagrams(listener: Listener, answer: Callable[[bytes], bytes | None],
+                          limits: Limits) -> tuple[int, int]:
+    """The same for a unix datagram socket, where a reply goes to the path the sender is
+    bound to. superd resolves that path as root, so it would write wherever a symlink swapped
+    in at that path points (/run/systemd/notify, its own chargen): a reply goes only to a
+    socket inode the sender's own uid owns (the kernel tells its uid, SO_PASSCRED), reached
+    through the fd that was checked, never by name again."""
+    sock = listener.sock
+    rate = limits.config.rate is not None
+    answered = dropped = 0
+    for _ in range(DATAGRAM_BATCH):
+        if rate and limits.paused:
+            break
+        try:
+            data, ancdata, _, addr = sock.recvmsg(65536, CREDENTIALS)
+        except OSError:
+            break
+        reply = answer(data)
+        if reply is not None and not _reply_unix(sock, reply, addr, _sender_uid(ancdata)):
+            dropped += 1
+            continue
+        answered += 1
+        if rate:
+            limits.take_token()
+    return answered, dropped
+
+
+def _sender_uid(ancdata: list[tuple[int, int, bytes]]) -> int | None:
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(data) >= 12:
+            return int(struct.unpack("3i", data[:12])[1])
+    return None
+
+
+def _reply_unix(sock: socket.socket, reply: bytes, addr: object, uid: int | None) -> bool:
+    if uid is None or not addr:
+        return False  # unbound (or unknown) sender: nowhere to answer
+    try:
+        if isinstance(addr, bytes):  # an abstract name: no file, no permissions to borrow
+            sock.sendto(reply, addr)
+            return True
+        fd = os.open(str(addr), os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISSOCK(st.st_mode) or (uid != 0 and st.st_uid != uid):
+            return False
+        sock.sendto(reply, f"/proc/self/fd/{fd}")
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def drop_datagram(sock: socket.socket) -> None:

@@ -68,6 +68,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from superd.binding import BindError
+    from superd.forkexec import clean_signal_inheritance
     from superd.log import Log
     from superd.server import Server
     from superd.systemd import journal_sender, passed_sockets
@@ -77,6 +78,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if table is None:
         return 1
     _ensure_std_fds()
+    clean_signal_inheritance()
     if args.daemon:
         from superd.daemonize import detach
         code = detach(args.pidfile)

@@ -117,7 +117,17 @@ def exec_argv(value: Any, ctx: Context) -> dict[str, Any]:
         raise ValueError("expected an argv list, e.g. [/usr/bin/cat]")
     if not all(isinstance(a, str | int | float) and not isinstance(a, bool) for a in value):
         raise ValueError("every argument must be a string")
-    return {"argv": tuple(str(a) for a in value)}
+    argv = tuple(str(a) for a in value)
+    for i, arg in enumerate(argv):
+        _no_nul(arg, f"argument {i}")
+    return {"argv": argv}
+
+
+def _no_nul(text: str, what: str) -> None:
+    """execve cannot carry a NUL byte: refuse it here, not at the first connection."""
+    if "\0" in text:
+        raise ValueError(f"{what} holds a NUL byte, which a program's arguments and "
+                         "environment cannot carry")
 
 
 def python_handler(value: Any, ctx: Context) -> dict[str, Any]:
@@ -164,6 +174,7 @@ def _load_source(path: str, name: str) -> types.ModuleType:
 
 
 def user(value: Any, ctx: Context) -> dict[str, Any]:
+    _no_nul(str(value), "the user name")
     try:
         entry = pwd.getpwuid(value) if isinstance(value, int) else pwd.getpwnam(str(value))
     except (KeyError, OverflowError):
@@ -173,6 +184,7 @@ def user(value: Any, ctx: Context) -> dict[str, Any]:
 
 
 def group(value: Any, ctx: Context) -> dict[str, Any]:
+    _no_nul(str(value), "the group name")
     try:
         entry = grp.getgrgid(value) if isinstance(value, int) else grp.getgrnam(str(value))
     except (KeyError, OverflowError):
@@ -201,7 +213,9 @@ def env(value: Any, ctx: Context) -> dict[str, Any]:
     for k, v in value.items():
         if not ENV_NAME.fullmatch(k) or isinstance(v, dict | list) or v is None:
             raise ValueError(f"{k}: expected NAME: value with a plain value")
-        out.append((k, str(v).lower() if isinstance(v, bool) else str(v)))
+        text = str(v).lower() if isinstance(v, bool) else str(v)
+        _no_nul(text, f"the value of {k}")
+        out.append((k, text))
     return {"env": tuple(out)}
 
 
@@ -303,6 +317,11 @@ def whole_service(values: dict[str, Any], ctx: Context) -> dict[str, Any]:
         out["wait"] = False  # accepted and ignored (SPEC §2)
         for key in ("user", "uid", "gid", "groups"):
             out.pop(key, None)
+        if protocol in ("udp", "unix-dgram"):
+            for key in ("instances", "per_source"):
+                if out.get(key) is not None:
+                    raise FieldError(key, f"{key} counts connections; an internal datagram "
+                                          "service has none (rate: N/s limits its answers)")
     elif protocol in ("udp", "unix-dgram") and not out.get("wait"):
         raise FieldError(("wait", "protocol"), f"protocol {protocol} with wait: false is only "
                                                "for internal services; use wait: true")

@@ -10,8 +10,14 @@ from __future__ import annotations
 
 import _posixsubprocess
 import os
+import signal
 import sys
 from collections.abc import Sequence
+
+# Stopping on these is the default, but a caught one would make a background tty write retry
+# for ever (the kernel re-sends the signal on each try): they are reset, not caught.
+_JOB_CONTROL = {signal.SIGTTIN, signal.SIGTTOU, signal.SIGTSTP}
+_PYTHON_IGNORES = {signal.SIGPIPE, signal.SIGXFSZ}  # fork_exec resets these in the child
 
 
 def fork_exec(argv: Sequence[bytes], program: Sequence[bytes], *, env: Sequence[bytes] | None,
@@ -39,6 +45,54 @@ def fork_exec(argv: Sequence[bytes], program: Sequence[bytes], *, env: Sequence[
         list(argv), list(program), True, pass_fds, cwd, env, stdin, -1, -1, stdout, -1,
         stderr, errpipe[0], errpipe[1], True, new_session, pgid, gid, groups, uid, umask,
         None, True)  # type: ignore[arg-type]  # None: no preexec_fn (the stub wants one)
+
+
+def read_error(pipe: int) -> bytes:
+    """All the child wrote to its error pipe (read until it closes: on exec, or at its exit).
+
+    With `user:` or `group:` set, fork_exec really forks instead of using vfork, so the child
+    may still be writing its report, in pieces, when we first look. Call this only when the
+    pipe is known to hold something or to be closed, or when waiting for the child is fine.
+    """
+    os.set_blocking(pipe, True)
+    chunks = []
+    while chunk := os.read(pipe, 4096):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _caught(signum: int, frame: object) -> None:
+    """A signal that was ignored when we started: now caught, so an exec resets it."""
+
+
+def clean_signal_inheritance() -> None:
+    """Make sure what this process starts gets every signal at its default and none blocked.
+
+    exec resets caught signals to their default but keeps ignored ones ignored, and keeps the
+    signal mask. So a signal our own parent ignored (nohup's SIGHUP, a shell's SIGQUIT) would
+    reach every handler ignored. Call this once at start: it empties the mask and turns each
+    ignored signal into a caught one (or, for job control, the default).
+    """
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    for sig in signal.valid_signals():
+        if sig in _PYTHON_IGNORES or sig in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        try:
+            if signal.getsignal(sig) == signal.SIG_IGN:
+                signal.signal(sig, signal.SIG_DFL if sig in _JOB_CONTROL else _caught)
+        except (OSError, ValueError):
+            pass
+
+
+def default_signals() -> None:
+    """In a forked child that will run Python code or exec: every signal at its default."""
+    for sig in signal.valid_signals():
+        if sig not in (signal.SIGKILL, signal.SIGSTOP):
+            try:
+                signal.signal(sig, signal.SIG_DFL)
+            except (OSError, ValueError):
+                pass
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
 
 def exec_error(data: bytes) -> str | None:

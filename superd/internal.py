@@ -8,7 +8,7 @@ few bytes that always fit in a fresh socket's send buffer.
 
 from __future__ import annotations
 
-import random
+import itertools
 import socket
 import struct
 import time
@@ -32,6 +32,9 @@ def _chargen_cycle() -> bytes:
 
 CHARGEN = _chargen_cycle()
 CHARGEN2 = CHARGEN * 2 + CHARGEN[:CHUNK]  # any window of up to CHUNK bytes is one slice
+CHARGEN_VIEW = memoryview(CHARGEN2)  # slices of it copy nothing
+LINE = 74  # 72 characters and CR LF
+LINES = len(CHARGEN) // LINE
 
 
 def daytime_text() -> bytes:
@@ -161,14 +164,25 @@ class Discard(Session):
 
 
 class Chargen(Session):
+    """RFC 864: what the client sends is thrown away, and the stream goes on until the client
+    closes the connection; a half-close (shutdown SHUT_WR) is not the end of it."""
+
     events = READ | WRITE
 
     def __init__(self, *args: object):
         self.offset = 0
         super().__init__(*args)  # type: ignore[arg-type]
 
+    def readable(self) -> None:
+        for _ in range(READS_PER_TURN):
+            data = self.sock.recv(CHUNK)
+            if not data:
+                self.watch(WRITE)  # the client is done sending, not done reading
+                return
+            self.bytes_in += len(data)
+
     def writable(self) -> None:
-        sent = self.sock.send(CHARGEN2[self.offset:self.offset + CHUNK])
+        sent = self.sock.send(CHARGEN_VIEW[self.offset:self.offset + CHUNK])
         self.bytes_out += sent
         self.offset = (self.offset + sent) % len(CHARGEN)
 
@@ -199,10 +213,15 @@ class Time(Answer):
         return time_bytes()
 
 
+_next_line = itertools.count()
+
+
 def _chargen_datagram(data: bytes) -> bytes:
-    size = random.randint(0, 512)
-    start = random.randrange(len(CHARGEN))
-    return CHARGEN2[start:start + size]
+    """One whole line per datagram, each starting one character on, as the BSD inetds send:
+    74 bytes whatever was asked (RFC 864 allows 0 to 512), so a spoofed request of a few
+    bytes cannot be amplified more than theirs."""
+    start = (next(_next_line) % LINES) * LINE
+    return CHARGEN[start:start + LINE]
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,7 @@ def _covers(wide: Address, narrow: Address) -> bool:
 def parse_address(value: object, protocol: str) -> Address:
     """Parse one `listen` value for `protocol`; raise ValueError with a reason."""
     if protocol in ("unix", "unix-dgram"):
-        if not isinstance(value, str) or not value.startswith("/"):
+        if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
             raise ValueError(f"protocol {protocol} needs an absolute socket path, not {value!r}")
         return Address(socket.AF_UNIX, path=value, text=value)
     if isinstance(value, bool) or not isinstance(value, str | int):
@@ -130,7 +130,9 @@ class Listener:
         try:
             if address.family == socket.AF_UNIX:
                 _remove_stale_socket(address.path)
-            else:
+            elif protocol in STREAM_PROTOCOLS:
+                # TCP: rebind over TIME_WAIT. Never on UDP, where it would let a local user
+                # bind the very port beside us (and spoof replies or ping-pong from it).
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if address.family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(address.v6only))

@@ -148,10 +148,11 @@ class ProcessTable:
             return
         try:
             os.killpg(handler.pid, sig)
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            os.kill(handler.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            try:  # not a group leader (yet: a forked child makes itself one first thing)
+                os.kill(handler.pid, sig)
+            except OSError:
+                pass
 
     def stop(self) -> None:
         """superd stops: SIGTERM to every handler, and to each that starts from now on."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 import traceback
 from typing import Any
@@ -88,8 +89,13 @@ class Server:
         self.loop.close()
 
     def handle_signal(self, signum: int) -> None:
-        name = signal.Signals(signum).name[3:].lower()
-        getattr(self, f"handle_{name}")()
+        try:
+            name = signal.Signals(signum).name[3:].lower()
+        except ValueError:
+            return  # a real-time signal our parent had ignored: ignored still
+        handler = getattr(self, f"handle_{name}", None)
+        if handler is not None:
+            handler()
 
     def handle_hup(self) -> None:
         self.reload()  # problems, if any, are in the log
@@ -98,6 +104,17 @@ class Server:
         self.stop()
 
     handle_int = handle_term
+
+    def handle_usr1(self) -> None:
+        """xinetd's state dump: what `superd status` shows, into the log."""
+        for line in status_lines(self.status()):
+            self.log.info(line)
+
+    def handle_usr2(self) -> None:
+        self.log.info("SIGUSR2 ignored (SIGHUP reloads, SIGUSR1 logs the status)")
+
+    def handle_quit(self) -> None:
+        self.log.info("SIGQUIT ignored (SIGTERM stops superd)")
 
     def handle_chld(self) -> None:
         while True:
@@ -165,6 +182,9 @@ class Server:
             if name not in services:
                 runtime.retire()  # its running handlers finish on their own
         self.services = services
+        self.shared.udp_ports = frozenset(
+            lst.sock.getsockname()[1] for lst in self.listeners.all()
+            if not lst.stream and lst.family in (socket.AF_INET, socket.AF_INET6))
         for runtime in services.values():
             runtime.take(self.listeners.for_service(runtime.config))
 
@@ -269,6 +289,17 @@ class Server:
         if self.notifier.watchdog and not self.stopping:
             self.notifier.notify("WATCHDOG=1")
             self.loop.call_later(self.notifier.watchdog / 2, self.watchdog)
+
+
+def status_lines(status: dict[str, Any]) -> list[str]:
+    """The status as log lines: a summary, then one line per service."""
+    lines = [f"status: pid {status['pid']}, {len(status['services'])} services, "
+             f"{status['children']} handlers, table {status['table']}"]
+    for name, s in sorted(status["services"].items()):
+        refused = ",".join(f"{k}={v}" for k, v in sorted(s["refused"].items())) or "0"
+        lines.append(f"status: {name} accepted={s['accepted']} active={s['active']} "
+                     f"refused={refused} last_exit={s['last_exit']} paused={s['paused'] or '-'}")
+    return lines
 
 
 def reload_summary(old: dict[str, Any], new: dict[str, Any]) -> str:

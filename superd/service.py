@@ -23,6 +23,7 @@ from superd import spawn, stages, stderr
 from superd.accept import (
     accept_connections,
     answer_datagrams,
+    answer_unix_datagrams,
     drop_datagram,
     handler_env,
     wait_peer_env,
@@ -51,15 +52,18 @@ class Shared:
     processes: ProcessTable
     starter: Starter
     changed: Callable[[], None]  # counters changed (STATUS= under systemd, in a while)
+    udp_ports: frozenset[int] = frozenset()  # of superd's own datagram listeners
 
 
 class ServiceRuntime:
     def __init__(self, config: Service, shared: Shared):
         self.loop, self.log, self.processes = shared.loop, shared.log, shared.processes
         self.starter, self.changed = shared.starter, shared.changed
+        self.shared = shared
         self.listeners: list[Listener] = []
         self.sessions: set[Session] = set()
         self.accepted = 0
+        self.answered = self.dropped = 0  # datagrams, for internal datagram services
         self.refused: Counter[str] = Counter()
         self.last_exit: int | None = None
         self.stderr_w = -1
@@ -123,6 +127,9 @@ class ServiceRuntime:
 
     def take(self, listeners: list[Listener]) -> None:
         self.listeners = listeners
+        if self.builtin is not None and self.config.protocol == "unix-dgram":
+            for listener in listeners:  # the kernel tells each datagram's uid (a reply's due)
+                listener.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self.poll()
 
     def poll(self) -> None:
@@ -147,8 +154,15 @@ class ServiceRuntime:
                            self.log.error)
 
     def _datagrams(self, listener: Listener) -> None:
-        answer_datagrams(listener, self.builtin.datagram,  # type: ignore[union-attr]
-                         self.config.only_from, self.config.no_access)
+        answer = self.builtin.datagram  # type: ignore[union-attr]
+        if listener.family == socket.AF_UNIX:
+            answered, dropped = answer_unix_datagrams(listener, answer, self.limits)
+        else:
+            answered, dropped = answer_datagrams(
+                listener, answer, self.config.only_from, self.config.no_access,
+                self.shared.udp_ports, self.limits)
+        self.answered += answered
+        self.dropped += dropped
 
     # -- refusals and log lines --------------------------------------------------------------
 
@@ -251,8 +265,8 @@ class ServiceRuntime:
                listener: Listener | None) -> None:
         try:
             self.starter.handler(self, self.prepared, sock, peer, env, listener, self.stderr_w)
-        except OSError as e:
-            self.log.error(f"{self.name}: cannot fork: {e.strerror}")
+        except (OSError, ValueError) as e:
+            self.log.error(f"{self.name}: cannot fork: {getattr(e, 'strerror', None) or e}")
             self.refuse("exec", peer)
             self.limits.freed(peer)
 
@@ -323,5 +337,6 @@ class ServiceRuntime:
     def status(self) -> dict[str, object]:
         return {"accepted": self.accepted, "active": self.active(),
                 "refused": dict(self.refused), "paused": self.paused,
+                "answered": self.answered, "dropped": self.dropped,
                 "last_exit": self.last_exit,
                 "listen": [str(listener) for listener in self.listeners]}

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 
 from superd.config import Service
 from superd.fields import RLIMITS
-from superd.forkexec import exec_error, fork_exec
+from superd.forkexec import default_signals, exec_error, fork_exec, read_error
 from superd.spawnproto import Request
 
 STANDARD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
-RESET_SIGNALS = HANDLED_SIGNALS + (signal.SIGPIPE, signal.SIGXFSZ)  # Python ignores those two
+HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD,
+                   signal.SIGUSR1, signal.SIGUSR2, signal.SIGQUIT)
 EXEC_FAILED = 127
 # Set by the connection, never by `env`: a duplicate name in execve's environment is ambiguous.
 CONNECTION_VARS = frozenset({
@@ -102,7 +102,8 @@ def spawn(prep: Prepared, sock: socket.socket, env: dict[str, str], wait: bool,
             os.close(status_w)
         return _settle(pid, status_r)
     env = {**prep.base_env, **env}
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+    # No Python signal handler may run in the child before it has reset them all.
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
     try:
         pid = os.fork()
     except OSError:
@@ -114,10 +115,6 @@ def spawn(prep: Prepared, sock: socket.socket, env: dict[str, str], wait: bool,
         os.set_blocking(status_w, True)
         _child(prep, sock, env, wait, status_w, err_w)  # never returns
     signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-    try:
-        os.setpgid(pid, pid)  # also done in the child; whichever runs first wins the race
-    except OSError:
-        pass
     os.close(status_w)
     return _settle(pid, status_r)
 
@@ -129,6 +126,8 @@ def _settle(pid: int, status_r: int) -> Started:
         data = os.read(status_r, 4096)
     except BlockingIOError:
         return Started(pid, status_r)  # a real fork: the loop watches the pipe
+    if data:
+        data += read_error(status_r)  # a failure being written: the child is on its way out
     os.close(status_r)
     return Started(pid, -1, exec_error(data))
 
@@ -139,8 +138,9 @@ def _fork_exec(prep: Prepared, fd: int, env: dict[str, str], status_r: int, stat
     stderr = _stderr_fd(svc.stderr, fd, err_w)
     env_list = [*prep.env_list, *(f"{k}={v}".encode() for k, v in env.items())]
     return fork_exec(prep.argv, prep.program, env=env_list, stdin=fd, stdout=fd, stderr=stderr,
-                     errpipe=(status_r, status_w), cwd=svc.cwd, gid=svc.gid, groups=prep.groups,
-                     uid=svc.uid, umask=-1 if svc.umask is None else svc.umask)
+                     errpipe=(status_r, status_w), new_session=True, cwd=svc.cwd, gid=svc.gid,
+                     groups=prep.groups, uid=svc.uid,
+                     umask=-1 if svc.umask is None else svc.umask)
 
 
 def _stderr_fd(mode: str, conn: int, err_w: int) -> int:
@@ -153,7 +153,7 @@ def _stderr_fd(mode: str, conn: int, err_w: int) -> int:
 def exec_outcome(pipe: int) -> str | None:
     """Why the child could not start, or None if it did (the pipe closed on exec)."""
     try:
-        data = os.read(pipe, 4096)
+        data = read_error(pipe)  # readable: it closed, or the child is reporting a failure
     except OSError:
         data = b""
     os.close(pipe)
@@ -170,11 +170,9 @@ def _child(prep: Prepared, sock: socket.socket, env: dict[str, str], wait: bool,
     """In the forked child: become the handler or exit 127 saying why not."""
     svc = prep.service
     try:
-        os.setpgid(0, 0)
+        os.setsid()  # its own session and process group, no controlling terminal
         signal.set_wakeup_fd(-1)
-        for sig in RESET_SIGNALS:
-            signal.signal(sig, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        default_signals()
         fd = sock.fileno()
         stderr = _stderr_fd(svc.stderr, fd, err_w)
         wanted = [fd, fd, stderr] + ([fd] if wait else [])

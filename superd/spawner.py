@@ -24,7 +24,7 @@ if __name__ == "__main__":  # run as a script: the superd package is the folder 
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from superd import spawnproto  # noqa: E402
-from superd.forkexec import fork_exec  # noqa: E402
+from superd.forkexec import clean_signal_inheritance, fork_exec, read_error  # noqa: E402
 from superd.spawnproto import Exited, Reply, Started  # noqa: E402
 
 
@@ -33,6 +33,7 @@ def _ignore(signum: int, frame: object) -> None:
 
 
 def serve(sock: socket.socket) -> None:
+    clean_signal_inheritance()
     devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
@@ -141,7 +142,7 @@ def _start(request: spawnproto.Request, conn: int, stderr: int, fds: list[int],
     pid, failure = 0, None  # type: tuple[int, bytes | str | None]
     try:
         pid = fork_exec(request.argv, request.program, env=request.env, stdin=conn,
-                        stdout=conn, stderr=stderr, errpipe=(status_r, status_w),
+                        stdout=conn, stderr=stderr, errpipe=(status_r, status_w), new_session=True,
                         cwd=request.cwd, gid=request.gid, groups=request.groups,
                         uid=request.uid, umask=request.umask)
     except (OSError, ValueError, TypeError) as e:
@@ -152,7 +153,7 @@ def _start(request: spawnproto.Request, conn: int, stderr: int, fds: list[int],
             os.close(fd)
     if pid:
         replies.children.add(pid)
-        failure = os.read(status_r, spawnproto.MAX_FAILURE) or None  # written before exec
+        failure = read_error(status_r)[:spawnproto.MAX_FAILURE] or None  # EOF: exec'd
     os.close(status_r)
     return Started(request.token, pid, failure)
 

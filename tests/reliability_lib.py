@@ -445,6 +445,7 @@ def start_custom(d: lib.Superd, services: dict | None = None, *,
         d.proc = subprocess.Popen(argv, cwd=lib.REPO, env=env, stdin=subprocess.DEVNULL,
                                   stdout=d._out, stderr=d._err, pass_fds=copies,
                                   start_new_session=True)
+        d.started_ticks = lib.start_ticks(d.proc.pid) or 0
     finally:
         for fd in copies:
             os.close(fd)

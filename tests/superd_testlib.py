@@ -510,16 +510,32 @@ def pid_alive(pid: int) -> bool:
     return st is not None and st != "Z"
 
 
-def in_session(pid: int, sid: int) -> bool:
-    """`pid` is alive and in session `sid`: still a process the daemon started (the tests
-    start superd in a session of its own), not another process that reused the pid. A handler
-    that calls setsid() itself leaves the session and is not seen here."""
+def start_ticks(pid: int) -> int | None:
+    """When `pid` started, in clock ticks since boot (/proc/PID/stat field 22)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def ticks_now() -> int:
+    with open("/proc/uptime") as f:
+        return int(float(f.read().split()[0]) * os.sysconf("SC_CLK_TCK")) + 1
+
+
+def started_by(pid: int, sid: int, since: int, until: int) -> bool:
+    """`pid` is alive and still a handler the daemon of session `sid` started: in that
+    session (the tests start superd in a session of its own) or leading one of its own (as
+    superd starts every handler), and started while the daemon ran, so not another process
+    that reused the pid."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
     except (FileNotFoundError, ProcessLookupError):
         return False
-    return fields[0] != "Z" and int(fields[3]) == sid
+    return (fields[0] != "Z" and int(fields[3]) in (sid, pid)
+            and since <= int(fields[19]) <= until)
 
 
 @dataclass
@@ -534,6 +550,7 @@ class Superd:
     log_offset: int = 0
     stopped_rc: int | None = None
     expect_rc: int = 0  # the exit status superd must end with (0 after SIGTERM)
+    started_ticks: int = 0  # when the daemon process started (clock ticks since boot)
 
     def __post_init__(self):
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -602,6 +619,7 @@ class Superd:
             [PY, "-m", "superd", "run", "-c", str(self.table)],
             cwd=REPO, env=full_env, stdin=subprocess.DEVNULL, stdout=self._out,
             stderr=self._err, start_new_session=True)
+        self.started_ticks = start_ticks(self.proc.pid) or 0
         if wait_ready:
             self.wait_notify("READY=1", 0, timeout)
         return self
@@ -793,9 +811,12 @@ class Superd:
         # while it is in superd's session: the pids of START lines wrap over a long test run.
         survivors = []
         sid = self.pid
+        since = self.started_ticks
+        until = ticks_now()
         for pid in handler_pids:
             try:
-                wait_until(lambda p=pid: not in_session(p, sid), 5.0, f"handler {pid} gone")
+                wait_until(lambda p=pid: not started_by(p, sid, since, until), 5.0,
+                           f"handler {pid} gone")
             except AssertionError:
                 survivors.append(pid)
         if survivors:
