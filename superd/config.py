@@ -37,6 +37,9 @@ class Settings:
     control_socket: str = "/run/superd/control.sock"
     max_children: int = 1000
     shutdown_grace: float = 5.0
+    max_sessions: int | None = None  # internal sessions at once; None: half the fd limit
+    idle_timeout: float = 300.0  # an internal session that moves no byte for this long ends
+    max_buffered: int = 32 << 20  # bytes all echo sessions together may hold unsent
 
 
 @dataclass(frozen=True)
@@ -202,6 +205,16 @@ def _mapping(doc: Document, path: Path, problems: list[Problem]) -> dict[str, An
     return value
 
 
+SETTINGS_KEYS: dict[str, Callable[[Any], Any]] = {
+    "control_socket": fields.abs_path,
+    "max_children": fields.count,
+    "shutdown_grace": fields.seconds,
+    "max_sessions": lambda v: None if v == "auto" else fields.count(v),
+    "idle_timeout": lambda v: 0.0 if v in (0, "never") else fields.seconds(v),
+    "max_buffered": fields.size,
+}
+
+
 def _settings(doc: Document, problems: list[Problem]) -> Settings:
     raw = _mapping(doc, ("settings",), problems)
     out: dict[str, Any] = {}
@@ -210,15 +223,11 @@ def _settings(doc: Document, problems: list[Problem]) -> Settings:
         try:
             if key == "syslog":
                 out.update(_syslog(doc, value, problems))
-            elif key == "control_socket":
-                out[key] = fields.abs_path(value)
-            elif key == "max_children":
-                out[key] = fields.count(value)
-            elif key == "shutdown_grace":
-                out[key] = fields.seconds(value)
+            elif key in SETTINGS_KEYS:
+                out[key] = SETTINGS_KEYS[key](value)
             else:
-                problems.append(doc.problem(path, "unknown key (expected syslog, control_socket, "
-                                                  "max_children, shutdown_grace)"))
+                problems.append(doc.problem(path, "unknown key (expected syslog, "
+                                            f"{', '.join(SETTINGS_KEYS)})"))
         except ValueError as e:
             problems.append(doc.problem(path, str(e)))
     return Settings(**out)

@@ -86,6 +86,15 @@ def seconds(value: Any) -> float:
     return float(value)
 
 
+def size(value: Any) -> int:
+    """Bytes: a whole number, or one with K, M or G (powers of 1024): 65536, 64K, 32M."""
+    m = re.fullmatch(r"\s*(\d+)\s*([KMG]?)i?B?\s*", str(value)) if not isinstance(value, bool) \
+        else None
+    if not m or not 0 < int(m.group(1)):
+        raise ValueError(f"expected a size in bytes (65536, 64K, 32M, 1G), not {value!r}")
+    return int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[m.group(2)]
+
+
 def abs_path(value: Any) -> str:
     if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
         raise ValueError(f"expected an absolute path, not {value!r}")

@@ -19,8 +19,9 @@ from superd.loop import READ, WRITE, Loop, Timer
 
 RFC868_EPOCH = 2208988800  # seconds from 1900-01-01 to 1970-01-01
 CHUNK = 65536
-MAX_PENDING = 256 * 1024  # echo stops reading while this much is unsent
+SESSION_BUFFER = 64 * 1024  # echo stops reading while this much of a session is unsent
 READS_PER_TURN = 4  # recv calls per readiness before other clients get their turn
+TRIM_AFTER = 1 << 20  # once echo sessions held this much, give the heap back when they are done
 
 
 def _chargen_cycle() -> bytes:
@@ -45,15 +46,44 @@ def time_bytes() -> bytes:
     return struct.pack("!I", (int(time.time()) + RFC868_EPOCH) & 0xFFFFFFFF)
 
 
+class Budget:
+    """What all echo sessions together may hold unsent (`settings.max_buffered`).
+
+    A client that sends and never reads leaves its echo in superd's memory; one session holds
+    at most SESSION_BUFFER, and all of them together at most `limit`. A session that finds the
+    budget spent stops reading until others have sent enough of theirs.
+    """
+
+    def __init__(self, limit: int, emptied: Callable[[], None]):
+        self.limit, self.used = limit, 0
+        self.emptied = emptied  # called when nothing is held any more after a lot was
+        self.waiting: set[Echo] = set()
+        self.peak = 0  # the most held since the sessions last held nothing
+
+    def give_back(self, size: int) -> None:
+        self.used -= size
+        if not self.used and self.peak >= TRIM_AFTER:
+            self.peak = 0
+            self.emptied()
+        if self.waiting and self.used <= self.limit // 2:
+            waiting, self.waiting = self.waiting, set()
+            for session in waiting:
+                if not session.closed:
+                    session.watch(session.wanted())
+
+
 class Session:
     """One internal stream connection; subclasses say what to do when readable or writable."""
 
     events = READ
 
     def __init__(self, loop: Loop, sock: socket.socket, done: Callable[[Session], None],
-                 peer: str):
+                 peer: str, budget: Budget):
         self.loop, self.sock, self.done, self.peer = loop, sock, done, peer
+        self.budget = budget
         self.closed = False
+        self.seen = 0  # bytes moved when the idle sweep last looked (superd/sessions.py)
+        self.idle_sweeps = 0
         self.watching = 0  # the events we are registered for; 0: not registered
         self.timer: Timer | None = None  # the service's `timeout`, if it has one
         self.started = time.monotonic()
@@ -75,9 +105,11 @@ class Session:
         return self.events
 
     def watch(self, events: int) -> None:
-        if events == self.watching or not events:
+        if events == self.watching:
             return
-        if self.watching:
+        if not events:
+            self.loop.remove(self.sock)  # waits for something else: not for its socket
+        elif self.watching:
             self.loop.modify(self.sock, events, self.ready)
         else:
             self.loop.add(self.sock, events, self.ready)
@@ -123,17 +155,36 @@ class Echo(Session):
         self.eof = False
         super().__init__(*args)  # type: ignore[arg-type]
 
+    def room(self) -> int:
+        """How much more this session may read before what it holds is sent."""
+        return min(CHUNK, SESSION_BUFFER - len(self.pending),
+                   self.budget.limit - self.budget.used)
+
     def readable(self) -> None:
+        budget = self.budget
         try:
             for _ in range(READS_PER_TURN):
-                data = self.sock.recv(CHUNK)
+                room = self.room()
+                if room <= 0:
+                    break
+                data = self.sock.recv(room)
                 if not data:
                     self.eof = True
                     break
                 self.bytes_in += len(data)
+                if not self.pending:
+                    try:  # the common case: straight back, nothing held
+                        sent = self.sock.send(data)
+                    except BlockingIOError:
+                        sent = 0
+                    self.bytes_out += sent
+                    data = data[sent:]
+                    if not data:
+                        continue
                 self.pending += data
-                if len(self.pending) >= MAX_PENDING:
-                    break
+                budget.used += len(data)
+                if budget.used > budget.peak:
+                    budget.peak = budget.used
         except BlockingIOError:
             pass
         self.flush()
@@ -142,8 +193,10 @@ class Echo(Session):
         self.flush()
 
     def wanted(self) -> int:
-        return (0 if self.eof or len(self.pending) >= MAX_PENDING else READ) | (
-            WRITE if self.pending else 0)
+        reading = not self.eof and self.room() > 0
+        if not reading and not self.eof and len(self.pending) < SESSION_BUFFER:
+            self.budget.waiting.add(self)  # the shared budget is spent: wait for room
+        return (READ if reading else 0) | (WRITE if self.pending else 0)
 
     def flush(self) -> None:
         if self.pending:
@@ -153,10 +206,19 @@ class Echo(Session):
                 sent = 0
             del self.pending[:sent]
             self.bytes_out += sent
+            if sent:
+                self.budget.give_back(sent)
         if self.eof and not self.pending:
             self.close()
             return
         self.watch(self.wanted())
+
+    def close(self) -> None:
+        if self.pending and not self.closed:
+            held, self.pending = len(self.pending), bytearray()
+            self.budget.give_back(held)
+        self.budget.waiting.discard(self)
+        super().close()
 
 
 class Discard(Session):
@@ -229,7 +291,7 @@ class Builtin:
     """One row of the built-in table: how to serve a stream connection and a datagram."""
 
     name: str
-    stream: type[Session]
+    stream: type[Session]  # made with (loop, socket, done, peer, budget)
     datagram: Callable[[bytes], bytes | None]
 
 

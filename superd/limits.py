@@ -7,7 +7,8 @@ instances, an empty rate bucket, crash-loop back-off and running out of fds. Eve
 by itself: a freed slot, a timer.
 
 A Limits is given what it needs, not its service: a clock, a timer function, how many of its
-handlers are active, whether max_children leaves room, and whom to tell when `paused` changes.
+handlers are active, whether max_children (or max_sessions) leaves room, and whom to tell when
+`paused` changes.
 """
 
 from __future__ import annotations
@@ -24,13 +25,17 @@ BACKOFF_FIRST, BACKOFF_MAX = 1.0, 60.0
 FD_BACKOFF_FIRST, FD_BACKOFF_MAX = 0.1, 5.0
 
 
+def _always() -> str | None:
+    return None
+
+
 class Limits:
     def __init__(self, config: Service, *, active: Callable[[], int], clock: Callable[[], float],
                  call_later: Callable[[float, Callable[[], None]], Timer],
                  changed: Callable[[], None], warn: Callable[[str], None]):
         self.active, self.clock, self.call_later = active, clock, call_later
         self.changed, self.warn = changed, warn
-        self.room: Callable[[], bool] | None = None  # max_children: None when it does not apply
+        self.room: Callable[[], str | None] = _always  # max_children/max_sessions: a refusal
         self.paused: str | None = None
         self.timer: Timer | None = None
         self.per_peer: Counter[str] = Counter()
@@ -39,9 +44,9 @@ class Limits:
         self.fd_backoff = 0.0
         self.tokens = 0.0
         self.refilled = clock()
-        self.configure(config, None)
+        self.configure(config, _always)
 
-    def configure(self, config: Service, room: Callable[[], bool] | None) -> None:
+    def configure(self, config: Service, room: Callable[[], str | None]) -> None:
         self.config = config
         self.room = room
         if config.rate:
@@ -60,8 +65,9 @@ class Limits:
             return "service_limit"
         if cfg.per_source is not None and self.per_peer[peer] >= cfg.per_source:
             return "per_source_limit"
-        if self.room is not None and not self.room():
-            return "process_limit"
+        full = self.room()
+        if full is not None:
+            return full
         self.per_peer[peer] += 1
         if cfg.rate:
             self.take_token()

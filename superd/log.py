@@ -75,7 +75,7 @@ class Log:
             self.stamp_second = second
             self.stamp = time.strftime("%b %e %H:%M:%S", time.localtime(now))
         if self.journal is not None and self.journal_owns_syslog:
-            self.journal(message, severity, fields)  # /dev/log is journald: say it once
+            self._to_journal(message, severity, fields)  # /dev/log is journald: say it once
             return
         if self.sock is None and time.monotonic() >= self.next_try:
             self._connect()
@@ -86,7 +86,13 @@ class Log:
             sys.stderr.write(f"{self.stamp} {self.ident}[{self.pid}]: {message}\n")
             sys.stderr.flush()
         if self.journal is not None:
-            self.journal(message, severity, fields)
+            self._to_journal(message, severity, fields)
+
+    def _to_journal(self, message: str, severity: int, fields: dict[str, str]) -> None:
+        try:
+            self.journal(message, severity, fields)  # type: ignore[misc]
+        except OSError as e:  # out of fds, journald gone: the line goes to stderr instead
+            sys.stderr.write(f"{self.ident}[{self.pid}]: {message} (journal: {e.strerror})\n")
 
     def attach(self, loop: Loop) -> None:
         """From now on never block the loop: queue what syslogd cannot take yet."""
@@ -164,7 +170,11 @@ class Log:
 
     def _connect(self) -> None:
         for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
-            sock = socket.socket(socket.AF_UNIX, kind)
+            try:
+                sock = socket.socket(socket.AF_UNIX, kind)
+            except OSError as e:  # out of fds: stderr until the next try
+                self._lost(e)
+                return
             try:
                 sock.connect(self.address)
             except OSError as e:

@@ -160,7 +160,11 @@ class Loop:
     def failed(self, fileobj: object, callback: object, exc: Exception) -> None:
         """A callback raised: report it and carry on; stop watching an fd that keeps failing."""
         where = getattr(callback, "__qualname__", None) or type(callback).__name__
-        self.on_error(exc, where)
+        try:
+            self.on_error(exc, where)
+        except Exception as e:  # reporting failed too (out of fds?): stderr, and carry on
+            _stderr_error(exc, where)
+            _stderr_error(e, "the error report")
         if fileobj is None:
             return
         now = time.monotonic()

@@ -24,7 +24,8 @@ from superd.log import Log
 from superd.loop import READ, Loop, Timer
 from superd.processes import ProcessTable
 from superd.service import ServiceRuntime, Shared
-from superd.spawn import HANDLED_SIGNALS
+from superd.sessions import SessionTable
+from superd.spawn import HANDLED_SIGNALS, open_devnull
 from superd.spawners import Spawners
 from superd.start import Starter
 from superd.systemd import Notifier
@@ -47,9 +48,11 @@ class Server:
         self.listeners = ListenerPool(passed or {}, log.info, self.unwatch)
         self.services: dict[str, ServiceRuntime] = {}
         self.spawners: Spawners | None = None
+        s = table.settings
+        self.sessions = SessionTable(self.loop, s.max_sessions, s.idle_timeout, s.max_buffered)
         self.shared = Shared(self.loop, log, self.processes,
                              Starter(self.loop, self.processes, lambda: self.spawners),
-                             self.counts_changed)
+                             self.sessions, self.counts_changed)
         self.stopping = False
         self.control: ControlSocket | None = None
         self.status_timer: Timer | None = None
@@ -65,6 +68,7 @@ class Server:
                            "closing it")
             for listener in passed.pop(name):
                 listener.close()
+        open_devnull()
         self.install(self.table, self.listeners.bind(self.table))
         try:
             self.spawners = Spawners(
@@ -169,6 +173,8 @@ class Server:
         self.listeners.install(pool)
         self.table = table
         self.processes.max_children = table.settings.max_children
+        s = table.settings
+        self.sessions.configure(s.max_sessions, s.idle_timeout, s.max_buffered)
         self.log.configure(table.settings)
         services: dict[str, ServiceRuntime] = {}
         for svc in table.enabled:
@@ -264,6 +270,7 @@ class Server:
         self.log.info(f"stopping: {len(self.processes)} handlers running")
         for runtime in self.services.values():
             runtime.stop()
+        self.sessions.close_all()
         self.listeners.close_all()
         self.processes.stop()
         if len(self.processes):

@@ -21,6 +21,7 @@ from functools import partial
 
 from superd import spawn, stages, stderr
 from superd.accept import (
+    FD_ERRORS,
     accept_connections,
     answer_datagrams,
     answer_unix_datagrams,
@@ -37,6 +38,7 @@ from superd.log import Log
 from superd.loop import READ, Loop
 from superd.pipeline import STARTED, Connection, Pipeline
 from superd.processes import RUNNING, Handler, ProcessTable
+from superd.sessions import SessionTable
 from superd.start import Starter
 
 WAIT_RETRY = 0.1  # a wait service over a limit looks again this much later
@@ -51,6 +53,7 @@ class Shared:
     log: Log
     processes: ProcessTable
     starter: Starter
+    sessions: SessionTable
     changed: Callable[[], None]  # counters changed (STATUS= under systemd, in a while)
     udp_ports: frozenset[int] = frozenset()  # of superd's own datagram listeners
 
@@ -59,9 +62,9 @@ class ServiceRuntime:
     def __init__(self, config: Service, shared: Shared):
         self.loop, self.log, self.processes = shared.loop, shared.log, shared.processes
         self.starter, self.changed = shared.starter, shared.changed
+        self.sessions = shared.sessions
         self.shared = shared
         self.listeners: list[Listener] = []
-        self.sessions: set[Session] = set()
         self.accepted = 0
         self.answered = self.dropped = 0  # datagrams, for internal datagram services
         self.refused: Counter[str] = Counter()
@@ -83,7 +86,8 @@ class ServiceRuntime:
         self.name = config.name
         self.prepared = spawn.prepare(config, dict(os.environ))
         self.builtin = BUILTINS.get(config.internal)
-        self.limits.configure(config, None if self.builtin is not None else self.room)
+        self.limits.configure(config, self.session_room if self.builtin is not None
+                              else self.process_room)
         if config != old or self.pipeline is None:
             self.draining = [p for p in self.draining if p.waiting]
             if self.pipeline is not None and self.pipeline.waiting:
@@ -114,10 +118,13 @@ class ServiceRuntime:
             self.stderr_w = -1
 
     def active(self) -> int:
-        return self.processes.count(self) + len(self.sessions)
+        return self.processes.count(self) + self.sessions.count(self)
 
-    def room(self) -> bool:
-        return not self.processes.full()
+    def process_room(self) -> str | None:
+        return "process_limit" if self.processes.full() else None
+
+    def session_room(self) -> str | None:
+        return "session_limit" if self.sessions.full() else None
 
     @property
     def paused(self) -> str | None:
@@ -211,8 +218,8 @@ class ServiceRuntime:
         self.accepted += 1
         self.changed()
         self.log_start(0, conn.peer)
-        session = self.starter.session(self.builtin, conn.sock, conn.peer,  # type: ignore[arg-type]
-                                       self.session_done, self.sessions)
+        session = self.sessions.start(self.builtin, conn.sock, conn.peer,  # type: ignore[arg-type]
+                                      self)
         if self.config.timeout and not session.closed:
             session.timer = self.loop.call_later(self.config.timeout,
                                                  lambda: self.session_overrun(session))
@@ -223,8 +230,11 @@ class ServiceRuntime:
             self.refuse("timeout", session.peer)
             session.close()
 
+    def session_idle(self, session: Session) -> None:
+        """The session has moved no byte for settings.idle_timeout: it is closed."""
+        self.refuse("idle", session.peer)
+
     def session_done(self, session: Session) -> None:
-        self.sessions.discard(session)
         if session.timer is not None:
             session.timer.cancel()
         self.limits.freed(session.peer)
@@ -269,6 +279,8 @@ class ServiceRuntime:
             self.log.error(f"{self.name}: cannot fork: {getattr(e, 'strerror', None) or e}")
             self.refuse("exec", peer)
             self.limits.freed(peer)
+            if isinstance(e, OSError) and e.errno in FD_ERRORS:
+                self.limits.out_of_fds(e, "start")  # as accept does: pause, back off
 
     def handler_running(self, handler: Handler) -> None:
         """The handler has a pid: log START, start its clock."""
@@ -325,14 +337,12 @@ class ServiceRuntime:
             self.stderr_w = -1
 
     def stop(self) -> None:
-        """superd stops: take no more work, end the sessions and what waits in a stage."""
+        """superd stops: take no more work, drop what waits in a stage."""
         self.stopping = True
         self.poll()
         for pipeline in [*self.draining, self.pipeline]:
             if pipeline is not None:
                 pipeline.abort()
-        for session in list(self.sessions):
-            session.close()
 
     def status(self) -> dict[str, object]:
         return {"accepted": self.accepted, "active": self.active(),

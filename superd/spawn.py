@@ -88,9 +88,6 @@ def spawn(prep: Prepared, sock: socket.socket, env: dict[str, str], wait: bool,
 
     `err_w` is the write end of the service's stderr pipe (used with `stderr: log`).
     """
-    global _devnull
-    if _devnull < 0:
-        _devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     status_r, status_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
     if prep.fast:
         try:
@@ -117,6 +114,14 @@ def spawn(prep: Prepared, sock: socket.socket, env: dict[str, str], wait: bool,
     signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     os.close(status_w)
     return _settle(pid, status_r)
+
+
+def open_devnull() -> None:
+    """/dev/null for handlers' `stderr: null`: opened once at start, not on a connection's
+    way (where it could meet EMFILE)."""
+    global _devnull
+    if _devnull < 0:
+        _devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
 
 
 def _settle(pid: int, status_r: int) -> Started:

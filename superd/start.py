@@ -14,7 +14,6 @@ from collections.abc import Callable
 from functools import partial
 
 from superd import spawn
-from superd.internal import Builtin, Session
 from superd.listeners import Listener
 from superd.loop import READ, Loop
 from superd.processes import Handler, Owner, ProcessTable
@@ -27,14 +26,6 @@ class Starter:
     def __init__(self, loop: Loop, processes: ProcessTable,
                  spawners: Callable[[], Spawners | None]):
         self.loop, self.processes, self.spawners = loop, processes, spawners
-
-    def session(self, builtin: Builtin, sock: socket.socket, peer: str,
-                done: Callable[[Session], None], sessions: set[Session]) -> Session:
-        """Serve an internal service on `sock` inside the loop."""
-        session = builtin.stream(self.loop, sock, done, peer)
-        sessions.add(session)
-        session.start()
-        return session
 
     def handler(self, owner: Owner, prep: spawn.Prepared, sock: socket.socket, peer: str,
                 env: dict[str, str], listener: Listener | None, stderr_fd: int) -> None:

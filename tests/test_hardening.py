@@ -10,8 +10,10 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import reliability_lib as rl
@@ -141,3 +143,140 @@ def test_nul_bytes_are_refused_at_load(new_daemon, where, entry):
     assert out.returncode == 1, out.stdout
     assert re.match(rf"^{re.escape(str(d.table))}:\d+: services\.nul\.{where}: .*NUL byte",
                     out.stdout), out.stdout
+
+
+# -- out of file descriptors ------------------------------------------------------------------
+
+def _hold_echo(port: int, count: int) -> tuple[list[socket.socket], int]:
+    """Open `count` echo connections and keep them idle; how many the daemon serves."""
+    held, served = [], 0
+    for _ in range(count):
+        s = socket.create_connection(("127.0.0.1", port), timeout=2)
+        held.append(s)
+        s.sendall(b"x")
+        try:
+            if s.recv(1) == b"x":
+                served += 1
+        except (TimeoutError, ConnectionResetError):
+            pass
+    return held, served
+
+
+def _services(ports: dict[str, int], d: lib.Superd) -> dict:
+    (d.workdir / "py.py").write_text("def handle(sock, env):\n    sock.sendall(b'py\\n')\n")
+    return {"echo": {"listen": f"127.0.0.1:{ports['echo']}", "internal": "echo"},
+            "cat": {"listen": f"127.0.0.1:{ports['cat']}", "exec": ["/bin/echo", "cat"]},
+            "py": {"listen": f"127.0.0.1:{ports['py']}", "python": "py.py:handle"}}
+
+
+def test_idle_sessions_cannot_take_every_fd(new_daemon):
+    """Finding 1: in-loop sessions have a cap (by default half the fds superd may open), so
+    idle echo clients leave the fds exec and python handlers need."""
+    ports = {name: free_port() for name in ("echo", "cat", "py")}
+    d = new_daemon()
+    d.write_table(_services(ports, d))
+    rl.start_custom(d, wrap=["prlimit", "--nofile=64:64"])
+    held, served = _hold_echo(ports["echo"], 40)
+    try:
+        assert served == 32, served  # half of 64
+        d.wait_log(r"^FAIL: echo session_limit from=127\.0\.0\.1$")
+        assert tcp_exchange("127.0.0.1", ports["cat"], b"") == b"cat\n"
+        assert tcp_exchange("127.0.0.1", ports["py"], b"") == b"py\n"
+    finally:
+        for s in held:
+            s.close()
+
+
+def test_out_of_fds_superd_carries_on(new_daemon, tmp_path):
+    """Finding 1: with the session cap lifted, idle clients can take every fd but one. Then
+    what superd needs next on a connection's way fails with EMFILE (the exec-status pipe of
+    a forked handler, the syslog socket when it must be opened again): that one connection
+    fails, the service pauses and backs off, superd carries on, and once fds are free again
+    everything is served. (It used to exit 1 there, every session and listener gone.)"""
+    ports = {name: free_port() for name in ("echo", "cat", "py")}
+    syslog_path = str(tmp_path / "syslog.sock")
+    syslog = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    syslog.bind(syslog_path)
+    d = new_daemon()
+    d.write_table(_services(ports, d), settings={"max_sessions": 1000,
+                                                 "syslog": {"address": syslog_path}})
+    rl.start_custom(d, wrap=["prlimit", "--nofile=64:64"])
+    base = len(rl.proc_fds(d.pid))
+    held, served = _hold_echo(ports["echo"], 63 - base)
+    try:
+        assert served == 63 - base and len(rl.proc_fds(d.pid)) == 63
+        syslog.close()  # syslogd goes away: the next line finds it gone...
+        os.unlink(syslog_path)
+        with socket.create_connection(("127.0.0.1", ports["py"]), timeout=5) as s:
+            s.settimeout(10)  # ...the handler's pipe cannot be made: its client is closed
+            assert s.recv(10) == b""
+        time.sleep(1.2)  # superd tries the syslog socket again a second later: EMFILE too
+        with socket.create_connection(("127.0.0.1", ports["py"]), timeout=5) as s:
+            s.settimeout(10)
+            s.recv(10)
+        assert d.proc.poll() is None, "superd died"
+        lib.wait_until(lambda: "Too many open files" in d.stderr_text(), 5, "EMFILE said")
+        for s in held[:20]:
+            s.close()
+        del held[:20]
+        lib.wait_until(lambda: tcp_exchange("127.0.0.1", ports["py"], b"") == b"py\n", 15,
+                       "python handler served again")
+        assert tcp_exchange("127.0.0.1", ports["cat"], b"") == b"cat\n"
+    finally:
+        for s in held:
+            s.close()
+    assert "cannot fork: Too many open files" in d.stderr_text()
+    assert d.proc.poll() is None
+
+
+def test_idle_internal_session_is_closed(superd):
+    """settings.idle_timeout: a session that moves no byte for that long is closed; one that
+    keeps talking is not."""
+    port = free_port()
+    d = superd({"echo": {"listen": f"127.0.0.1:{port}", "internal": "echo"}},
+               settings={"idle_timeout": 1})
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as idle, \
+            socket.create_connection(("127.0.0.1", port), timeout=5) as busy:
+        idle.sendall(b"a")
+        assert idle.recv(1) == b"a"
+        for i in range(12):  # 2.4 s of talk
+            busy.sendall(b"%d" % (i % 10))
+            assert busy.recv(1) == b"%d" % (i % 10)
+            time.sleep(0.2)
+        assert lib.recv_until_eof(idle, timeout=3) == b""
+        busy.sendall(b"z")
+        assert busy.recv(1) == b"z"
+    d.wait_log(r"^FAIL: echo idle from=127\.0\.0\.1$")
+
+
+def test_echo_clients_that_never_read_are_capped(new_daemon):
+    """Finding 8: an echo client that sends and never reads made superd hold 100-230 KB each,
+    without limit. One session holds at most 64 KiB, all together settings.max_buffered, and
+    the memory is given back once those clients are gone."""
+    port = free_port()
+    d = new_daemon()
+    d.start({"echo": {"listen": f"127.0.0.1:{port}", "internal": "echo"}},
+            settings={"max_buffered": "4M"})
+    start = rl.rss_kb(d.pid)
+    clients = []
+    try:
+        for _ in range(200):
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            s.setblocking(False)
+            clients.append(s)
+        chunk = b"x" * 65536
+        for _ in range(3):  # fill every buffer on the way, twice over
+            for s in clients:
+                for _ in range(64):
+                    try:
+                        s.send(chunk)
+                    except BlockingIOError:
+                        break
+            time.sleep(0.5)
+        peak = rl.rss_kb(d.pid)
+        assert peak - start < 16 * 1024, f"RSS {start} -> {peak} KB with 200 clients"
+    finally:
+        for s in clients:
+            s.close()
+    lib.wait_until(lambda: rl.rss_kb(d.pid) - start < 6 * 1024, 10,
+                   f"RSS back near {start} KB")
