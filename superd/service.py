@@ -31,6 +31,7 @@ from superd.accept import (
 )
 from superd.access import allowed
 from superd.config import Service
+from superd.faillines import FailLines
 from superd.internal import BUILTINS, Session
 from superd.limits import Limits
 from superd.listeners import Listener
@@ -68,6 +69,7 @@ class ServiceRuntime:
         self.accepted = 0
         self.answered = self.dropped = 0  # datagrams, for internal datagram services
         self.refused: Counter[str] = Counter()
+        self.fail_lines = FailLines(config.name, self.log.warning, self.loop.call_later)
         self.last_exit: int | None = None
         self.stderr_w = -1
         self.retired = False
@@ -177,13 +179,22 @@ class ServiceRuntime:
         self.refuse(reason, conn.peer)
         conn.sock.close()
 
-    def refuse(self, reason: str, peer: str) -> None:
+    def refuse(self, reason: str, peer: str, datagram: bool = False) -> None:
+        """Count a refusal and log its FAIL line.
+
+        A datagram's source address is whatever its sender wrote, so a FAIL line for one says
+        so, and there are few of them: one per source a minute, DATAGRAM_FAILS a second in
+        all; the rest are counted, and said in one line a minute. Otherwise a spoofer would
+        choose what goes into the log, and whom a log watcher bans."""
         self.refused[reason] += 1
         self.changed()
         if not self.config.log_on_failure:
             return  # log_on_failure: [] keeps FAIL lines out of the log; the count stays
+        if datagram and not self.fail_lines.allow(peer, time.monotonic()):
+            return
         host = f" from={peer}" if "host" in self.config.log_on_failure and peer else ""
-        self.log.warning(f"FAIL: {self.name} {reason}{host}",
+        note = " (datagram: its source is not verified)" if datagram else ""
+        self.log.warning(f"FAIL: {self.name} {reason}{host}{note}",
                          SUPERD_SERVICE=self.name, REMOTE_ADDR=peer)
 
     def log_start(self, pid: int, peer: str) -> None:
@@ -259,7 +270,7 @@ class ServiceRuntime:
         reason = "address" if not allowed(peer, self.config.only_from, self.config.no_access) \
             else self.limits.admit(peer)
         if reason is not None:
-            self.refuse(reason, peer)
+            self.refuse(reason, peer, datagram=not listener.stream)
             if reason in ("service_limit", "process_limit"):
                 # The socket stays readable: wait for room instead of asking again at once.
                 self.limits.pause(reason, WAIT_RETRY)

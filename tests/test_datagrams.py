@@ -195,3 +195,26 @@ def test_udp_chargen_answers_one_whole_line_a_datagram(superd):
     assert len(set(starts)) == 3, "each datagram starts one character on"
     # What a spoofed 0-byte request costs the victim, IP and UDP headers included.
     assert (LINE + 28) / 28 <= 3.7
+
+
+def test_refused_datagrams_write_few_fail_lines(superd):
+    """Finding 11: a UDP wait service with only_from wrote a FAIL line per refused datagram,
+    and a datagram's source is whatever its sender wrote: a spoofer chose whom fail2ban bans.
+    Now: one line per source a minute, ten a second in all, each saying the source is not
+    verified; every refusal is still counted."""
+    port = free_port()
+    d = superd({"tftp": {"listen": f"127.0.0.1:{port}", "protocol": "udp", "wait": True,
+                         "exec": ["/bin/true"], "only_from": ["192.0.2.0/24"]}})
+    sources = [f"127.0.0.{i}" for i in range(2, 32)]  # 30 sources, 3 datagrams each
+    for _ in range(3):
+        for src in sources:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.bind((src, 0))
+                s.sendto(b"\0\1file\0octet\0", ("127.0.0.1", port))
+    lib.wait_until(lambda: ll.status(d)["services"]["tftp"]["refused"].get("address") == 90,
+                   10, "90 refusals counted")
+    fails = [x for x in d.lines() if x.startswith("FAIL: tftp address")]
+    assert 1 <= len(fails) <= 30, fails
+    per_source = {x.split("from=")[1].split()[0] for x in fails}
+    assert len(per_source) == len(fails), "one line per source"
+    assert all(x.endswith("(datagram: its source is not verified)") for x in fails), fails
