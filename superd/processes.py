@@ -10,6 +10,12 @@ A `wait` handler also holds its service's listening socket until it exits. The t
 one place that maps a spawner's token or a pid to a handler; the server, the services and the
 control socket ask it. What a handler's end means (log lines, limits) is its owner's business:
 the table tells the owner through the `Owner` calls.
+
+What a handler leaves behind is the table's too. superd is a child subreaper, so a process a
+handler started and left (a double-forked daemon, `setsid cmd &`) becomes superd's child: a
+survey, twice a second while handlers run, finds such "escaped" processes. They count toward
+max_children, a stop ends them with the handlers, and one still in its handler's session (it
+did not call setsid itself) is ended when its handler's `timeout` would have been.
 """
 
 from __future__ import annotations
@@ -22,7 +28,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from superd import proctree
 from superd.loop import Timer
+
+SURVEY_EVERY = 0.5  # seconds between two looks for escaped processes, while handlers run
+KILL_AFTER_TERM = 2.0  # `timeout`: SIGKILL this long after SIGTERM (SPEC §2)
 
 SENT, RUNNING, EXITED = "sent", "running", "exited"
 
@@ -49,6 +59,7 @@ class Handler:
     exec_pipe: int = -1  # in-loop fork: read end of the exec-status pipe, until read
     failure: bytes | str | None = None  # why it could not start, once known (raw or a sentence)
     inode: int = 0  # of its connection: how to recognise it if its spawner dies unanswered
+    deadline: float | None = None  # when `timeout` ends it (and what it left in its session)
     timers: list[Timer] = field(default_factory=list)
 
     def cancel_timers(self) -> None:
@@ -57,24 +68,41 @@ class Handler:
         self.timers.clear()
 
 
+@dataclass
+class Escaped:
+    """A process a handler left behind, now superd's child."""
+
+    session: int  # its session id: its handler's pid, unless it made a session of its own
+    owner: Owner | None  # the service of that handler, when the session tells
+    deadline: float | None  # its handler's timeout (then, 2 s later, SIGKILL)
+    sig: int = signal.SIGTERM
+
+
 class ProcessTable:
-    def __init__(self, max_children: int, released: Callable[[object], None]):
+    def __init__(self, max_children: int, released: Callable[[object], None],
+                 call_later: Callable[[float, Callable[[], None]], Timer],
+                 helpers: Callable[[], set[int]]):
         self.max_children = max_children
         self.released = released  # a wait handler's listener is free again
+        self.call_later = call_later
+        self.helpers = helpers  # superd's own child processes (spawners): not handlers
         self.by_pid: dict[int, Handler] = {}
         self.by_token: dict[int, Handler] = {}
         self.per_owner: Counter[Owner] = Counter()
         self.holders: dict[object, Handler] = {}
+        self.escaped: dict[int, Escaped] = {}
+        self.recent: dict[int, Handler] = {}  # exited since the last survey, by pid
+        self.survey_timer: Timer | None = None
         self.stopping = False
 
     # -- questions ---------------------------------------------------------------------------
 
     def __len__(self) -> int:
-        """Handlers started or on their way: what `max_children` counts."""
-        return len(self.by_pid) + len(self.by_token)
+        """Processes started or on their way, escaped ones too: what `max_children` counts."""
+        return len(self.by_pid) + len(self.by_token) + len(self.escaped)
 
     def full(self) -> bool:
-        return len(self.by_pid) + len(self.by_token) >= self.max_children
+        return len(self) >= self.max_children
 
     def count(self, owner: Owner) -> int:
         return self.per_owner[owner]
@@ -119,13 +147,17 @@ class ProcessTable:
         handler.owner.handler_running(handler)
         if self.stopping:
             self.signal(handler, signal.SIGTERM)
+        if self.survey_timer is None:
+            self.survey_timer = self.call_later(SURVEY_EVERY, self.survey)
 
     def exited(self, pid: int, status: int) -> None:
         """`pid` has been reaped (here, or by the spawner that started it)."""
         handler = self.by_pid.pop(pid, None)
         if handler is None:
-            return  # a spawner, or an orphaned grandchild adopted as subreaper
+            self.escaped.pop(pid, None)  # something a handler left, or a spawner
+            return
         handler.state = EXITED
+        self.recent[pid] = handler
         self._gone(handler)
         handler.owner.handler_exited(handler, status)
         if handler.listener is not None and self.holders.get(handler.listener) is handler:
@@ -154,15 +186,56 @@ class ProcessTable:
             except OSError:
                 pass
 
+    def end(self, handler: Handler, sig: int) -> None:
+        """`timeout`: signal the handler, everything below it, whatever group or session
+        that is in, and what it left behind in its session."""
+        if self.by_pid.get(handler.pid) is not handler:
+            return
+        below = proctree.descendants(handler.pid)
+        self.signal(handler, sig)
+        _kill(below, sig)
+        _kill([pid for pid, e in self.escaped.items() if e.session == handler.pid], sig)
+
     def stop(self) -> None:
-        """superd stops: SIGTERM to every handler, and to each that starts from now on."""
+        """superd stops: SIGTERM to every handler and what they started or left, and to each
+        that starts from now on."""
         self.stopping = True
-        for handler in self.running():
-            self.signal(handler, signal.SIGTERM)
+        self._signal_everything(signal.SIGTERM)
 
     def kill_all(self) -> None:
+        self._signal_everything(signal.SIGKILL)
+
+    def _signal_everything(self, sig: int) -> None:
+        self.survey()
+        helpers = self.helpers()
+        below = [pid for pid in proctree.descendants(os.getpid()) if pid not in helpers]
         for handler in self.running():
-            self.signal(handler, signal.SIGKILL)
+            self.signal(handler, sig)
+        _kill([*self.escaped, *below], sig)
+
+    # -- what handlers leave behind ----------------------------------------------------------
+
+    def survey(self) -> None:
+        """Look for processes handlers left behind (superd's children it did not start)."""
+        self.survey_timer = None
+        helpers = self.helpers()
+        now = time.monotonic()
+        for pid in proctree.children():
+            if pid in self.by_pid or pid in self.escaped or pid in helpers:
+                continue
+            session = proctree.session_of(pid)
+            if session is None:
+                continue
+            origin = self.by_pid.get(session) or self.recent.get(session)
+            self.escaped[pid] = Escaped(session, origin.owner if origin else None,
+                                        origin.deadline if origin else None)
+        self.recent.clear()
+        for pid, e in self.escaped.items():
+            if e.deadline is not None and e.deadline <= now:
+                _kill([pid], e.sig)
+                e.deadline, e.sig = now + KILL_AFTER_TERM, signal.SIGKILL
+        if (self.by_pid or self.escaped) and self.survey_timer is None:
+            self.survey_timer = self.call_later(SURVEY_EVERY, self.survey)
 
     # -- a spawner died ----------------------------------------------------------------------
 
@@ -172,7 +245,7 @@ class ProcessTable:
         rest could not have started. Returns the handlers found."""
         found = []
         by_inode = {self.by_token[t].inode: t for t in tokens if t in self.by_token}
-        for pid in own_children():
+        for pid in proctree.children():
             if pid in self.by_pid or pid in spawner_pids:
                 continue
             try:
@@ -189,17 +262,9 @@ class ProcessTable:
         return found
 
 
-def own_children() -> list[int]:
-    """This process's children (Linux: /proc/PID/task/TID/children)."""
-    pids: list[int] = []
-    try:
-        tasks = os.listdir("/proc/self/task")
-    except OSError:
-        return pids
-    for tid in tasks:
+def _kill(pids: list[int], sig: int) -> None:
+    for pid in pids:
         try:
-            with open(f"/proc/self/task/{tid}/children") as f:
-                pids += [int(x) for x in f.read().split()]
+            os.kill(pid, sig)
         except OSError:
             pass
-    return pids

@@ -44,7 +44,9 @@ class Server:
         self.loop = Loop(self.handle_signal, HANDLED_SIGNALS, self.internal_error)
         log.attach(self.loop)
         self.errors: list[float] = []
-        self.processes = ProcessTable(table.settings.max_children, self.released)
+        self.processes = ProcessTable(
+            table.settings.max_children, self.released, self.loop.call_later,
+            lambda: set(self.spawners.pids) if self.spawners is not None else set())
         self.listeners = ListenerPool(passed or {}, log.info, self.unwatch)
         self.services: dict[str, ServiceRuntime] = {}
         self.spawners: Spawners | None = None
@@ -255,7 +257,8 @@ class Server:
     def status(self) -> dict[str, Any]:
         """Live counters for `superd status` (SPEC §1)."""
         return {"services": {name: rt.status() for name, rt in self.services.items()},
-                "children": len(self.processes), "pid": os.getpid(), "table": self.table.path}
+                "children": len(self.processes), "escaped": len(self.processes.escaped),
+                "pid": os.getpid(), "table": self.table.path}
 
     # -- stop --------------------------------------------------------------------------------
 

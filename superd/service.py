@@ -38,12 +38,11 @@ from superd.listeners import Listener
 from superd.log import Log
 from superd.loop import READ, Loop
 from superd.pipeline import STARTED, Connection, Pipeline
-from superd.processes import RUNNING, Handler, ProcessTable
+from superd.processes import KILL_AFTER_TERM, RUNNING, Handler, ProcessTable
 from superd.sessions import SessionTable
 from superd.start import Starter
 
 WAIT_RETRY = 0.1  # a wait service over a limit looks again this much later
-KILL_AFTER_TERM = 2.0  # `timeout`: SIGKILL this long after SIGTERM (SPEC §2)
 
 
 @dataclass
@@ -296,6 +295,7 @@ class ServiceRuntime:
     def handler_running(self, handler: Handler) -> None:
         """The handler has a pid: log START, start its clock."""
         if self.config.timeout:
+            handler.deadline = handler.started + self.config.timeout
             handler.timers.append(self.loop.call_later(self.config.timeout,
                                                        lambda: self.overrun(handler)))
         self.log_start(handler.pid, handler.peer)
@@ -329,9 +329,9 @@ class ServiceRuntime:
         if handler.state != RUNNING:
             return
         self.refuse("timeout", handler.peer)
-        self.processes.signal(handler, signal.SIGTERM)
+        self.processes.end(handler, signal.SIGTERM)
         handler.timers.append(self.loop.call_later(
-            KILL_AFTER_TERM, lambda: self.processes.signal(handler, signal.SIGKILL)))
+            KILL_AFTER_TERM, lambda: self.processes.end(handler, signal.SIGKILL)))
 
     # -- the end -----------------------------------------------------------------------------
 

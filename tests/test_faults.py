@@ -623,14 +623,19 @@ def test_ten_megabytes_into_discard(faulty):
 # the daemon's own resources
 
 
+def out_of_fds_start(d: lib.Superd, services: dict) -> lib.Superd:
+    """Under `prlimit --nofile=64`, with the session cap lifted (max_sessions), so that idle
+    echo clients really take every fd superd has."""
+    d.write_table(services, settings={"max_sessions": 1000})
+    return rl.start_custom(d, wrap=["/usr/bin/prlimit", "--nofile=64:64", "--"])
+
+
 def test_out_of_fds_pauses_and_recovers(new_daemon):
     """With superd's fd limit reached, accept fails with EMFILE: the listener pauses with a
     back-off (logged), the loop does not spin, and connections queued meanwhile are served
     once fds are free again."""
     d = new_daemon()
-    f = start_faulty(d, {"echo": {"internal": "echo"}},
-                     start=lambda d, s, **kw: rl.start_custom(
-                         d, s, wrap=["/usr/bin/prlimit", "--nofile=64:64", "--"]))
+    f = start_faulty(d, {"echo": {"internal": "echo"}}, start=out_of_fds_start)
     conns = []
     try:
         for _ in range(60):  # more than the 64 fds minus what superd holds at rest
@@ -658,9 +663,7 @@ def test_out_of_fds_control_socket_does_not_spin(new_daemon):
     """Out of fds, a `superd status` connection cannot be accepted either: the loop must not
     spin on the control socket."""
     d = new_daemon()
-    f = start_faulty(d, {"echo": {"internal": "echo"}},
-                     start=lambda d, s, **kw: rl.start_custom(
-                         d, s, wrap=["/usr/bin/prlimit", "--nofile=64:64", "--"]))
+    f = start_faulty(d, {"echo": {"internal": "echo"}}, start=out_of_fds_start)
     conns = []
     ctl = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:

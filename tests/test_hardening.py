@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 
+import limits_lib as ll
 import pytest
 import reliability_lib as rl
 import superd_testlib as lib
@@ -280,3 +281,74 @@ def test_echo_clients_that_never_read_are_capped(new_daemon):
             s.close()
     lib.wait_until(lambda: rl.rss_kb(d.pid) - start < 6 * 1024, 10,
                    f"RSS back near {start} KB")
+
+
+# -- what handlers leave behind ---------------------------------------------------------------
+
+def _escaping_handler(path) -> str:
+    """A handler that leaves a `sleep` behind in three ways and then waits: a child in a new
+    session, a double-forked grandchild in its own session, one in the handler's session."""
+    return str(write_script(path, """#!/bin/sh
+setsid sleep 300 </dev/null >/dev/null 2>&1 &
+(setsid sleep 301 </dev/null >/dev/null 2>&1 &)
+(sleep 302 </dev/null >/dev/null 2>&1 &)
+echo started
+exec sleep 303
+"""))
+
+
+def _sleeps(d: lib.Superd) -> list[int]:
+    """The sleep processes left by _escaping_handler that still live (in superd's tree)."""
+    return [p for p in lib.descendants(d.pid)
+            if rl.cmdline(p).startswith("sleep 30") and lib.pid_alive(p)]
+
+
+def test_stop_ends_what_handlers_left_behind(new_daemon, tmp_path):
+    """Finding 12: processes that leave the handler's process group survived `superd stop`.
+    Now a stop ends everything a handler started, whatever group or session it is in."""
+    port = free_port()
+    d = new_daemon()
+    d.start({"esc": {"listen": f"127.0.0.1:{port}", "exec": [_escaping_handler(
+        tmp_path / "esc")]}})
+    clients = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(3)]
+    for c in clients:
+        assert c.recv(8) == b"started\n"
+    lib.wait_until(lambda: len(_sleeps(d)) == 12, 5, "12 sleeps")
+    left = _sleeps(d)
+    lib.wait_until(lambda: ll.status(d)["children"] == 9, 5, "the left ones counted")
+    assert d.stop() == 0
+    survivors = [p for p in left if lib.pid_alive(p)]
+    for c in clients:
+        c.close()
+    for p in survivors:
+        os.kill(p, signal.SIGKILL)  # ours: clean up what the test made
+    assert not survivors, f"{len(survivors)} of {len(left)} left behind survived superd stop"
+
+
+def test_timeout_and_max_children_see_what_handlers_left(new_daemon, tmp_path):
+    """Finding 12: `timeout` reached only the handler's process group, and max_children did
+    not count processes a handler left (3 counted while 38 ran)."""
+    port = free_port()
+    d = new_daemon()
+    d.start({"esc": {"listen": f"127.0.0.1:{port}", "timeout": 3,
+                     "exec": [_escaping_handler(tmp_path / "esc")]}},
+            settings={"max_children": 6})
+    c = socket.create_connection(("127.0.0.1", port), timeout=5)
+    assert c.recv(8) == b"started\n"
+    lib.wait_until(lambda: len(_sleeps(d)) == 4, 5, "4 sleeps")
+    # The handler and the two it left to superd (the third is still its own child).
+    lib.wait_until(lambda: ll.status(d)["children"] == 3, 5, "what it left counted")
+    c2 = socket.create_connection(("127.0.0.1", port), timeout=5)
+    assert c2.recv(8) == b"started\n"
+    lib.wait_until(lambda: ll.status(d)["children"] == 6, 5, "what they left counted")
+    c3 = socket.create_connection(("127.0.0.1", port), timeout=5)  # over max_children
+    c3.settimeout(5)
+    assert c3.recv(8) == b""
+    d.wait_log(r"^FAIL: esc process_limit from=127\.0\.0\.1$")
+    # The timeout ends each handler and what it left, but for the double-forked daemon that
+    # made a session of its own: nothing ties it to its handler. It is counted, and stopped.
+    lib.wait_until(lambda: sorted(rl.cmdline(p) for p in _sleeps(d)) ==
+                   ["sleep 301", "sleep 301"], 10, "the timeouts done")
+    assert ll.status(d)["children"] == 2
+    for s in (c, c2, c3):
+        s.close()
