@@ -77,6 +77,7 @@ class Service:
     log_on_success: frozenset[str] = frozenset({"pid", "host", "exit", "duration"})
     log_on_failure: frozenset[str] = frozenset({"host"})
     function: Callable[..., Any] | None = field(default=None, compare=False, repr=False)
+    python_source: str = field(default="", repr=False)  # sha256 of a FILE.py handler
     file: str = field(default="", compare=False)
     line: int = field(default=0, compare=False)
 

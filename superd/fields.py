@@ -9,6 +9,7 @@ python handlers) are done here, once, so a mistake shows up in `superd check`, n
 from __future__ import annotations
 
 import grp
+import hashlib
 import importlib
 import ipaddress
 import os
@@ -162,7 +163,10 @@ def python_handler(value: Any, ctx: Context) -> dict[str, Any]:
     function = getattr(module, func, None)
     if not callable(function):
         raise ValueError(f"{target} has no function {func!r}")
-    return {"python": value, "function": function}
+    # A FILE.py handler is read anew at each load: a changed source is a changed service
+    # (its host process is replaced on reload).
+    source = getattr(module, "__superd_source__", "")
+    return {"python": value, "function": function, "python_source": source}
 
 
 def _load_source(path: str, name: str) -> types.ModuleType:
@@ -174,9 +178,11 @@ def _load_source(path: str, name: str) -> types.ModuleType:
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such file")
     with open(path, "rb") as f:
-        code = compile(f.read(), path, "exec", dont_inherit=True)
+        source = f.read()
+    code = compile(source, path, "exec", dont_inherit=True)
     module = types.ModuleType(name)
     module.__file__ = path
+    module.__superd_source__ = hashlib.sha256(source).hexdigest()  # type: ignore[attr-defined]
     sys.modules[name] = module  # for dataclasses, pickling and the like inside the handler
     exec(code, module.__dict__)
     return module

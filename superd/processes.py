@@ -120,6 +120,8 @@ class ProcessTable:
         handler.state, handler.token = SENT, token
         self.by_token[token] = handler
         self.per_owner[handler.owner] += 1
+        if handler.listener is not None:
+            self.holders[handler.listener] = handler
 
     def answered(self, token: int, pid: int, failure: bytes | str | None) -> None:
         """A spawner says how a request went: running as `pid`, or not started (pid 0)."""
@@ -130,6 +132,7 @@ class ProcessTable:
             handler.state = EXITED
             self._gone(handler)
             handler.owner.handler_not_started(handler, failure)
+            self._release(handler)
             return
         handler.failure = failure
         self._run(handler, pid)
@@ -160,6 +163,9 @@ class ProcessTable:
         self.recent[pid] = handler
         self._gone(handler)
         handler.owner.handler_exited(handler, status)
+        self._release(handler)
+
+    def _release(self, handler: Handler) -> None:
         if handler.listener is not None and self.holders.get(handler.listener) is handler:
             del self.holders[handler.listener]
             self.released(handler.listener)

@@ -26,7 +26,7 @@ from superd.processes import ProcessTable
 from superd.service import ServiceRuntime, Shared
 from superd.sessions import SessionTable
 from superd.spawn import HANDLED_SIGNALS, open_devnull
-from superd.spawners import Spawners
+from superd.spawners import SPAWNER, Spawners
 from superd.start import Starter
 from superd.systemd import Notifier
 from superd.yamlsrc import TableError
@@ -45,8 +45,8 @@ class Server:
         log.attach(self.loop)
         self.errors: list[float] = []
         self.processes = ProcessTable(
-            table.settings.max_children, self.released, self.loop.call_later,
-            lambda: set(self.spawners.pids) if self.spawners is not None else set())
+            table.settings.max_children, self.released, self.loop.call_later, self.helper_pids)
+        self.pools: list[Spawners] = []  # every helper pool: the spawners, the python hosts
         self.listeners = ListenerPool(passed or {}, log.info, self.unwatch)
         self.services: dict[str, ServiceRuntime] = {}
         self.spawners: Spawners | None = None
@@ -54,7 +54,7 @@ class Server:
         self.sessions = SessionTable(self.loop, s.max_sessions, s.idle_timeout, s.max_buffered)
         self.shared = Shared(self.loop, log, self.processes,
                              Starter(self.loop, self.processes, lambda: self.spawners),
-                             self.sessions, self.counts_changed)
+                             self.sessions, self.counts_changed, self.new_pool)
         self.stopping = False
         self.control: ControlSocket | None = None
         self.status_timer: Timer | None = None
@@ -73,10 +73,7 @@ class Server:
         open_devnull()
         self.install(self.table, self.listeners.bind(self.table))
         try:
-            self.spawners = Spawners(
-                SPAWNERS, lambda sock, callback: self.loop.add(sock, READ, callback),
-                self.loop.remove, self.processes.answered, self.processes.exited,
-                self.log.error, self.unanswered)
+            self.spawners = self.new_pool(SPAWNERS, SPAWNER)
         except OSError as e:
             self.log.error(f"{e}; exec handlers are started by the loop itself")
         self.open_control(self.table.settings.control_socket)
@@ -88,8 +85,8 @@ class Server:
     def run(self) -> None:
         while not (self.stopping and not len(self.processes)):
             self.loop.run_once()
-        if self.spawners is not None:
-            self.spawners.close()
+        for pool in list(self.pools):
+            pool.close()
         self.log.info("stopped")
         self.log.close()
         self.loop.close()
@@ -151,10 +148,21 @@ class Server:
         self.loop.call_later(ORPHAN_WAIT, lambda: self.adopt(tokens))
 
     def adopt(self, tokens: list[int]) -> None:
-        pids = set(self.spawners.pids) if self.spawners is not None else set()
-        for handler in self.processes.adopt(tokens, pids):
+        for handler in self.processes.adopt(tokens, self.helper_pids()):
             self.log.info(f"{handler.owner.name}: handler pid {handler.pid} was started by a "
                           "spawner that died before saying so")
+
+    def new_pool(self, count: int, script: str, record: bytes | None = None) -> Spawners:
+        """Helper processes that start handlers (spawners, or a python service's host)."""
+        pool = Spawners(count, lambda sock, callback: self.loop.add(sock, READ, callback),
+                        self.loop.remove, self.processes.answered, self.processes.exited,
+                        self.log.error, self.unanswered, script=script, record=record,
+                        closed=self.pools.remove)
+        self.pools.append(pool)
+        return pool
+
+    def helper_pids(self) -> set[int]:
+        return {pid for pool in self.pools for pid in pool.pids}
 
     def released(self, listener: object) -> None:
         """A wait handler exited: the service that has its listener may poll it again."""

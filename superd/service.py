@@ -10,7 +10,9 @@ reload; counters, running handlers and sessions stay with this object.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import pickle
 import signal
 import socket
 import time
@@ -40,6 +42,7 @@ from superd.loop import READ, Loop
 from superd.pipeline import STARTED, Connection, Pipeline
 from superd.processes import KILL_AFTER_TERM, RUNNING, Handler, ProcessTable
 from superd.sessions import SessionTable
+from superd.spawners import PYHOST, Spawners
 from superd.start import Starter
 
 WAIT_RETRY = 0.1  # a wait service over a limit looks again this much later
@@ -55,6 +58,7 @@ class Shared:
     starter: Starter
     sessions: SessionTable
     changed: Callable[[], None]  # counters changed (STATUS= under systemd, in a while)
+    new_pool: Callable[[int, str, bytes | None], Spawners]  # helper processes
     udp_ports: frozenset[int] = frozenset()  # of superd's own datagram listeners
 
 
@@ -74,6 +78,7 @@ class ServiceRuntime:
         self.retired = False
         self.stopping = False
         self.pipeline: Pipeline | None = None
+        self.host: Spawners | None = None  # a python service's host process
         self.draining: list[Pipeline] = []  # earlier pipelines with connections still in a stage
         self.limits = Limits(config, active=self.active, clock=time.monotonic,
                              call_later=self.loop.call_later, changed=self.poll,
@@ -98,6 +103,11 @@ class ServiceRuntime:
                 start=self.start_session if self.builtin is not None else self.start_handler,
                 refuse=self.refuse_connection, call_later=self.loop.call_later)
         self._stderr_pipe()
+        if config.python and (config != old or self.host is None):
+            self._new_host()
+        elif not config.python and self.host is not None:
+            self.host.retire()
+            self.host = None
         if self.builtin is not None and not config.stream:
             self.on_readable = self._datagrams
         elif config.wait:
@@ -117,6 +127,18 @@ class ServiceRuntime:
         elif not want and self.stderr_w >= 0:
             os.close(self.stderr_w)  # running handlers keep their copies
             self.stderr_w = -1
+
+    def _new_host(self) -> None:
+        """A python service's handlers are forked by a host of their own (superd/pyhost.py),
+        which holds this service's record and no other's; a new one for a new record."""
+        if self.host is not None:
+            self.host.retire()  # it stays until its handlers are reported gone
+            self.host = None
+        record = pickle.dumps(dataclasses.replace(self.config, function=None))
+        try:
+            self.host = self.shared.new_pool(1, PYHOST, record)
+        except OSError as e:
+            self.log.error(f"{self.name}: {e}; its connections are refused until a reload")
 
     def active(self) -> int:
         return self.processes.count(self) + self.sessions.count(self)
@@ -284,7 +306,8 @@ class ServiceRuntime:
     def _start(self, sock: socket.socket, peer: str, env: dict[str, str],
                listener: Listener | None) -> None:
         try:
-            self.starter.handler(self, self.prepared, sock, peer, env, listener, self.stderr_w)
+            self.starter.handler(self, self.prepared, sock, peer, env, listener, self.stderr_w,
+                                 self.host)
         except (OSError, ValueError) as e:
             self.log.error(f"{self.name}: cannot fork: {getattr(e, 'strerror', None) or e}")
             self.refuse("exec", peer)
@@ -338,6 +361,9 @@ class ServiceRuntime:
     def retire(self) -> None:
         """Removed from the table: once its last handler is gone, release what it holds."""
         self.retired = True
+        if self.host is not None:
+            self.host.retire()
+            self.host = None
         self.poll()
         self.listeners = []
         self._release_if_retired()

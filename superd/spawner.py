@@ -19,6 +19,7 @@ import select
 import signal
 import socket
 import sys
+from collections.abc import Callable
 
 if __name__ == "__main__":  # run as a script: the superd package is the folder above this file
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,7 +33,9 @@ def _ignore(signum: int, frame: object) -> None:
     """A caught signal is reset to default by exec; an ignored one would stay ignored."""
 
 
-def serve(sock: socket.socket) -> None:
+def serve(sock: socket.socket, start: Start) -> None:
+    """Take requests from superd on `sock` and start each handler with `start`, until superd
+    closes its end and every handler started has been reaped and reported."""
     clean_signal_inheritance()
     devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -52,7 +55,7 @@ def serve(sock: socket.socket) -> None:
             continue
         for fd, _ in events:
             if fd == sock_fd:
-                open_ = _request(sock, devnull, replies)
+                open_ = _request(sock, devnull, replies, start)
                 if not open_:
                     poller.unregister(sock_fd)
                     replies.sock = None  # superd is gone: nobody to tell
@@ -105,7 +108,12 @@ class Replies:
                     pass
 
 
-def _request(sock: socket.socket, devnull: int, replies: Replies) -> bool:
+# How a helper starts one handler: (request, its fds, /dev/null) -> (pid or 0, failure or None).
+# The fds are closed by the caller afterwards.
+Start = Callable[[spawnproto.Request, list[int], int], tuple[int, bytes | str | None]]
+
+
+def _request(sock: socket.socket, devnull: int, replies: Replies, start: Start) -> bool:
     """Serve one request; False once superd has closed its end."""
     try:
         data, ancdata, _, _ = sock.recvmsg(spawnproto.MAX_REQUEST,
@@ -119,46 +127,48 @@ def _request(sock: socket.socket, devnull: int, replies: Replies) -> bool:
            for fd in array.array("i", d[:len(d) - len(d) % 4])]
     try:
         request = spawnproto.decode_request(data)
-        conn = fds[0]
-        stderr = fds[1] if request.stderr == "log" else (
-            conn if request.stderr == "socket" else devnull)
+        if not fds or (request.stderr == "log" and len(fds) < 2):
+            raise ValueError("its fds are missing")
+        pid, failure = start(request, fds, devnull)
     except (ValueError, TypeError, EOFError, IndexError) as e:
-        for fd in fds:
-            os.close(fd)
-        replies.started(Started(spawnproto.token_of(data), 0,
-                                f"a request the spawner could not read ({e})"))
-        replies.send()
-        return True
-    started = _start(request, conn, stderr, fds, replies)
-    replies.started(started)
-    if started.failure or len(replies.items) >= spawnproto.REPLIES_PER_MESSAGE:
-        replies.send()  # a failure carries up to 4 KiB of text: alone, it stays small
-    return True
-
-
-def _start(request: spawnproto.Request, conn: int, stderr: int, fds: list[int],
-           replies: Replies) -> Started:
-    status_r, status_w = os.pipe2(os.O_CLOEXEC)
-    pid, failure = 0, None  # type: tuple[int, bytes | str | None]
-    try:
-        pid = fork_exec(request.argv, request.program, env=request.env, stdin=conn,
-                        stdout=conn, stderr=stderr, errpipe=(status_r, status_w), new_session=True,
-                        cwd=request.cwd, gid=request.gid, groups=request.groups,
-                        uid=request.uid, umask=request.umask)
-    except (OSError, ValueError, TypeError) as e:
-        failure = f"OSError: cannot fork: {getattr(e, 'strerror', None) or e}"
+        pid, failure = 0, f"a request the helper could not serve ({e})"
+        request = None
     finally:
-        os.close(status_w)
         for fd in fds:
             os.close(fd)
     if pid:
         replies.children.add(pid)
+    token = request.token if request is not None else spawnproto.token_of(data)
+    replies.started(Started(token, pid, failure))
+    if failure or len(replies.items) >= spawnproto.REPLIES_PER_MESSAGE:
+        replies.send()  # a failure carries up to 4 KiB of text: alone, it stays small
+    return True
+
+
+def exec_handler(request: spawnproto.Request, fds: list[int],
+                 devnull: int) -> tuple[int, bytes | str | None]:
+    """The spawner's way: fork and exec the program (vfork where CPython can)."""
+    conn = fds[0]
+    stderr = fds[1] if request.stderr == "log" else (
+        conn if request.stderr == "socket" else devnull)
+    status_r, status_w = os.pipe2(os.O_CLOEXEC)
+    pid, failure = 0, None  # type: tuple[int, bytes | str | None]
+    try:
+        pid = fork_exec(request.argv, request.program, env=request.env, stdin=conn,
+                        stdout=conn, stderr=stderr, errpipe=(status_r, status_w),
+                        new_session=True, cwd=request.cwd, gid=request.gid,
+                        groups=request.groups, uid=request.uid, umask=request.umask)
+    except (OSError, ValueError, TypeError) as e:
+        failure = f"OSError: cannot fork: {getattr(e, 'strerror', None) or e}"
+    finally:
+        os.close(status_w)
+    if pid:
         failure = read_error(status_r)[:spawnproto.MAX_FAILURE] or None  # EOF: exec'd
     os.close(status_r)
-    return Started(request.token, pid, failure)
+    return pid, failure
 
 
 if __name__ == "__main__":
     fd = int(sys.argv[1])
     os.closerange(3, fd)
-    serve(socket.socket(fileno=fd))
+    serve(socket.socket(fileno=fd), exec_handler)

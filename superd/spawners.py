@@ -1,14 +1,16 @@
-"""superd's side of the spawner processes: a small pool used by the loop without ever waiting.
+"""superd's side of its helper processes: a small pool used by the loop without ever waiting.
 
-Why spawners exist is told in superd/spawner.py, what they say to each other in
-superd/spawnproto.py. The pool sends each request to the least busy spawner and reports what
-comes back through the callbacks it is given: a handler started (or not), a handler exited,
-a spawner lost, requests a dead spawner never answered.
+Two kinds of helper speak the spawner protocol (superd/spawnproto.py): the spawners, which
+exec handlers (superd/spawner.py says why they exist), and each python service's host, which
+forks its python handlers (superd/pyhost.py). A pool sends each request to its least busy
+process and reports what comes back through the callbacks it is given: a handler started (or
+not), a handler exited, a helper lost, requests a dead helper never answered.
 """
 
 from __future__ import annotations
 
 import array
+import itertools
 import os
 import socket
 import sys
@@ -20,8 +22,10 @@ from superd import spawner, spawnproto
 from superd.forkexec import exec_error, fork_exec
 from superd.spawnproto import Request, Started
 
-RESTART_INTERVAL = 5.0  # a spawner that died is replaced, at most this often
-SCRIPT = os.path.abspath(spawner.__file__)
+RESTART_INTERVAL = 5.0  # a helper that died is replaced, at most this often
+SPAWNER = os.path.abspath(spawner.__file__)
+PYHOST = os.path.join(os.path.dirname(SPAWNER), "pyhost.py")
+_tokens = itertools.count(1)  # one sequence for every pool: the process table maps them
 
 
 class Spawners:
@@ -29,14 +33,18 @@ class Spawners:
                  unwatch: Callable[[socket.socket], None],
                  started: Callable[[int, int, bytes | str | None], None],
                  exited: Callable[[int, int], None], lost: Callable[[str], None],
-                 unanswered: Callable[[list[int]], None]):
+                 unanswered: Callable[[list[int]], None], *, script: str = SPAWNER,
+                 record: bytes | None = None, closed: Callable[[Spawners], None] | None = None):
         self.watch, self.unwatch = watch, unwatch
         self.started, self.exited, self.lost = started, exited, lost
-        self.unanswered = unanswered
+        self.unanswered, self.closed = unanswered, closed
+        self.script, self.record = script, record
+        self.kind = "spawner" if script == SPAWNER else "python host"
         self.socks: list[socket.socket] = []
         self.pids: list[int] = []
         self.inflight: dict[socket.socket, set[int]] = {}
-        self.token = 0
+        self.running: set[int] = set()  # handlers started and not yet reported gone
+        self.retiring = False
         self.last_start = 0.0
         become_subreaper()
         for _ in range(count):
@@ -44,7 +52,10 @@ class Spawners:
 
     def _start_one(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        argv = [sys.executable, "-S", "-E", "-s", SCRIPT, str(theirs.fileno())]
+        # Spawners need nothing but the standard library (-S: no site); a python host needs
+        # what the handler imports (the site-packages of superd's interpreter).
+        argv = [sys.executable, *(["-S"] if self.script == SPAWNER else []), "-E", "-s",
+                self.script, str(theirs.fileno())]
         errpipe = os.pipe2(os.O_CLOEXEC)
         try:
             pid = fork_exec([os.fsencode(a) for a in argv], [os.fsencode(sys.executable)],
@@ -60,7 +71,14 @@ class Spawners:
         os.close(errpipe[0])
         if failure:
             ours.close()
-            raise OSError(f"cannot start a spawner: {failure}")
+            raise OSError(f"cannot start a {self.kind}: {failure}")
+        if self.record is not None:
+            ours.settimeout(5.0)  # read at once by the new process; large only in theory
+            try:
+                spawnproto.send_record(ours, self.record)
+            except OSError:
+                ours.close()
+                raise
         ours.setblocking(False)
         self.socks.append(ours)
         self.pids.append(pid)
@@ -68,13 +86,11 @@ class Spawners:
         self.watch(ours, partial(self._ready, ours))
 
     def next_token(self) -> int:
-        self.token += 1
-        return self.token
+        return next(_tokens)
 
     def send(self, request: Request, fds: list[int]) -> bool:
-        """Send one request to the least busy spawner; False if none can take it now (the
-        caller then starts the handler in the loop itself)."""
-        if not self.socks:
+        """Send one request to the least busy helper; False if none can take it now."""
+        if not self.socks or self.retiring:
             return False
         inflight = self.inflight
         sock = min(self.socks, key=lambda s: len(inflight[s]))
@@ -109,9 +125,15 @@ class Spawners:
             for reply in replies:
                 if isinstance(reply, Started):
                     self.inflight[sock].discard(reply.token)
+                    if reply.pid:
+                        self.running.add(reply.pid)
                     self.started(reply.token, reply.pid, reply.failure)
                 else:
+                    self.running.discard(reply.pid)
                     self.exited(reply.pid, reply.status)
+            if self.retiring and not self.running and not any(self.inflight.values()):
+                self.close()
+                return
 
     def _died(self, sock: socket.socket) -> None:
         """A spawner is gone: its handlers are superd's now (subreaper); the requests it did
@@ -121,22 +143,35 @@ class Spawners:
         self.socks.pop(i)
         self.pids.pop(i)
         sock.close()
-        self.lost("a spawner process died; its handlers are reaped by superd itself")
+        self.lost(f"a {self.kind} process died; its handlers are reaped by superd itself")
         unanswered = sorted(self.inflight.pop(sock))
         if unanswered:
             self.unanswered(unanswered)
-        if time.monotonic() - self.last_start >= RESTART_INTERVAL:  # replace it, unless
+        if self.retiring:
+            if not self.socks:
+                self.close()
+        elif time.monotonic() - self.last_start >= RESTART_INTERVAL:  # replace it, unless
             self.last_start = time.monotonic()                     # they keep dying
             try:
                 self._start_one()
             except OSError as e:
                 self.lost(str(e))
 
+    def retire(self) -> None:
+        """Take no more requests; close once every handler started has been reported gone."""
+        self.retiring = True
+        if not self.running and not any(self.inflight.values()):
+            self.close()
+
     def close(self) -> None:
         for sock in self.socks:
             self.unwatch(sock)
-            sock.close()  # a spawner leaves when superd's end closes
+            sock.close()  # a helper leaves when superd's end closes
         self.socks.clear()
+        self.pids.clear()
+        if self.closed is not None:
+            closed, self.closed = self.closed, None
+            closed(self)
 
 
 def become_subreaper() -> None:

@@ -13,6 +13,7 @@ marshal'd tuples (fast, and stdlib only: the spawner processes import this file 
 from __future__ import annotations
 
 import marshal
+import socket
 from typing import NamedTuple
 
 MAX_FDS = 2
@@ -52,6 +53,28 @@ class Exited(NamedTuple):
 
 Reply = Started | Exited
 _TAGS: dict[str, type[Started] | type[Exited]] = {"S": Started, "X": Exited}
+
+
+RECORD_CHUNK = 32 << 10
+
+
+def send_record(sock: socket.socket, record: bytes) -> None:
+    """A helper's first message, however large: its length, then chunks (SOCK_SEQPACKET
+    messages are bounded by the socket buffer)."""
+    sock.sendall(len(record).to_bytes(8, "big"))
+    for i in range(0, len(record), RECORD_CHUNK):
+        sock.sendall(record[i:i + RECORD_CHUNK])
+
+
+def receive_record(sock: socket.socket) -> bytes:
+    size = int.from_bytes(sock.recv(8), "big")
+    chunks: list[bytes] = []
+    while sum(map(len, chunks)) < size:
+        chunk = sock.recv(RECORD_CHUNK)
+        if not chunk:
+            raise EOFError("superd went away before the record was whole")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def encode_request(request: Request) -> bytes:

@@ -8,6 +8,7 @@ entered in the process table, which tells its service when it runs and when it i
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 from collections.abc import Callable
@@ -28,10 +29,15 @@ class Starter:
         self.loop, self.processes, self.spawners = loop, processes, spawners
 
     def handler(self, owner: Owner, prep: spawn.Prepared, sock: socket.socket, peer: str,
-                env: dict[str, str], listener: Listener | None, stderr_fd: int) -> None:
+                env: dict[str, str], listener: Listener | None, stderr_fd: int,
+                host: Spawners | None = None) -> None:
         """Start `owner`'s handler for `sock` (a connection, or for a wait service the
         listener itself). OSError when it cannot even be forked; the caller still owns
-        `sock` and closes it."""
+        `sock` and closes it. A python handler is forked by its service's `host`, never
+        by superd itself: it would hold superd's memory, every other service's included."""
+        if prep.service.python:
+            self._python(owner, prep, sock, peer, env, listener, stderr_fd, host)
+            return
         spawners = self.spawners()
         if listener is None and prep.fast and spawners is not None:
             token = spawners.next_token()
@@ -47,6 +53,19 @@ class Starter:
         if started.exec_pipe >= 0:
             self.loop.add(started.exec_pipe, READ, partial(self._exec_pipe, handler))
         self.processes.started(handler, started.pid)
+
+    def _python(self, owner: Owner, prep: spawn.Prepared, sock: socket.socket, peer: str,
+                env: dict[str, str], listener: Listener | None, stderr_fd: int,
+                host: Spawners | None) -> None:
+        if host is None:
+            raise OSError(errno.EAGAIN, "its python host is not running")
+        token = host.next_token()
+        log_fd = stderr_fd if prep.service.stderr == "log" and stderr_fd >= 0 else -1
+        fds = [sock.fileno()] if log_fd < 0 else [sock.fileno(), log_fd]
+        if not host.send(prep.request(token, env, log_fd), fds):
+            raise OSError(errno.EAGAIN, "its python host cannot take the request")
+        inode = os.fstat(sock.fileno()).st_ino
+        self.processes.sent(Handler(owner, peer, listener=listener, inode=inode), token)
 
     def _exec_pipe(self, handler: Handler, mask: int) -> None:
         """The exec-status pipe closed (exec worked) or says why it failed."""

@@ -488,13 +488,23 @@ def descendants(pid: int) -> list[int]:
     return sorted(out)
 
 
-def is_spawner(pid: int) -> bool:
-    """Is `pid` one of superd's spawner processes (superd/spawner.py), not a handler?"""
+def _cmdline_has(pid: int, *parts: bytes) -> bool:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"superd/spawner.py" in f.read()
+            cmdline = f.read()
     except OSError:
         return False
+    return any(part in cmdline for part in parts)
+
+
+def is_spawner(pid: int) -> bool:
+    """Is `pid` one of superd's spawner processes (superd/spawner.py), not a handler?"""
+    return _cmdline_has(pid, b"superd/spawner.py")
+
+
+def is_helper(pid: int) -> bool:
+    """One of superd's helper processes: a spawner, or a python service's host."""
+    return _cmdline_has(pid, b"superd/spawner.py", b"superd/pyhost.py")
 
 
 def _children_of(pid: int) -> list[int]:
@@ -711,10 +721,10 @@ class Superd:
         return pids
 
     def handlers(self) -> list[int]:
-        """Handler processes: superd's children and its spawners' children, not the spawners."""
+        """Handler processes: superd's children and its helpers' children, not the helpers."""
         out: list[int] = []
         for pid in self.children():
-            if is_spawner(pid):
+            if is_helper(pid):
                 out += _children_of(pid)
             else:
                 out.append(pid)

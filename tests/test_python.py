@@ -1,4 +1,9 @@
-"""python: handlers run in a forked child of superd, without exec."""
+"""python: handlers run in a forked child of their service's python host, without exec.
+
+The host is a fresh interpreter that superd starts for each python service and that holds
+that service's record alone, so a handler does not hold superd's memory (every other service's
+configuration, their `env` secrets included).
+"""
 
 from __future__ import annotations
 
@@ -69,9 +74,9 @@ def test_python_handler_runs_forked_without_exec(pyd):
     start = d.wait_log(r"^START: info pid=(\d+) from=127\.0\.0\.1$")[0]
     assert int(start[1]) == info["pid"], "START pid must be the handler's pid"
     assert info["pid"] != d.pid, "the handler runs in a forked child, not in the daemon"
-    # no exec: the child still has superd's command line and executable
-    assert info["cmdline"] == daemon_cmdline
-    assert "superd" in info["cmdline"] and "run" in info["cmdline"]
+    # no exec: the child has its host's command line and superd's interpreter; the host is a
+    # fresh interpreter, not a fork of superd
+    assert "superd/pyhost.py" in info["cmdline"] and info["cmdline"] != daemon_cmdline
     assert info["exe"] == os.readlink(f"/proc/{d.pid}/exe")
     assert info["sock_family"] == socket.AF_INET
     assert info["peer"][1] == my_port
@@ -99,3 +104,39 @@ def test_python_handler_exception_gives_status_1_and_daemon_keeps_serving(pyd):
     assert _talk(ports["boom"]) == b"about to fail\n"
     d.wait_log(r"^EXIT: boom status=1 pid=\d+ ", count=2)
     assert d.proc.poll() is None
+
+
+SCAN = r'''
+import re
+
+def scan(sock, env):
+    """Look through this very process's memory for a secret like the other service's. A
+    pattern, not the secret itself: the handler must not put one there by looking."""
+    secret = re.compile(rb"other-service-secret-[0-9a-f]{16}")
+    found = False
+    with open("/proc/self/maps") as maps, open("/proc/self/mem", "rb", 0) as mem:
+        for line in maps:
+            span, perms = line.split()[:2]
+            if not perms.startswith("r") or "[vvar" in line or "[vsyscall" in line:
+                continue
+            start, end = (int(x, 16) for x in span.split("-"))
+            try:
+                mem.seek(start)
+                found = found or secret.search(mem.read(end - start)) is not None
+            except OSError:
+                pass
+    sock.sendall(b"found" if found else b"clean")
+'''
+
+
+def test_python_handler_holds_no_other_services_secrets(new_daemon):
+    """Issue 16, finding 14: forked from superd, a python handler (even `user: nobody`) held
+    every other service's configuration in memory, their env secrets included."""
+    d = new_daemon()
+    (d.table.parent / "scan.py").write_text(SCAN)
+    secret = "other-service-secret-" + os.urandom(8).hex()
+    port = free_port()
+    d.start({"scan": {"listen": f"127.0.0.1:{port}", "python": "scan.py:scan"},
+             "cat": {"listen": f"127.0.0.1:{free_port()}", "exec": ["/bin/cat"],
+                     "env": {"API_TOKEN": secret}}})
+    assert _talk(port) == b"clean"
