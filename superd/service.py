@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 from superd import spawn, stages, stderr
 from superd.accept import (
@@ -60,6 +61,18 @@ class Shared:
     changed: Callable[[], None]  # counters changed (STATUS= under systemd, in a while)
     new_pool: Callable[[int, str, bytes | None], Spawners]  # helper processes
     udp_ports: frozenset[int] = frozenset()  # of superd's own datagram listeners
+
+
+# What a python host does not need: how connections get to it, and what is logged of them.
+NOT_FOR_HOST: dict[str, Any] = {"listen": (), "instances": None, "on_limit": "queue", "per_source": None,
+                "rate": None, "only_from": (), "no_access": (), "timeout": None, "backlog": 128,
+                "log_on_success": frozenset(), "log_on_failure": frozenset(), "line": 0}
+
+
+def host_record(config: Service) -> Service:
+    """The part of a python service's record its host is given: a change elsewhere (limits,
+    access rules, logging) does not replace the host."""
+    return dataclasses.replace(config, function=None, **NOT_FOR_HOST)
 
 
 class ServiceRuntime:
@@ -103,7 +116,8 @@ class ServiceRuntime:
                 start=self.start_session if self.builtin is not None else self.start_handler,
                 refuse=self.refuse_connection, call_later=self.loop.call_later)
         self._stderr_pipe()
-        if config.python and (config != old or self.host is None):
+        if config.python and (self.host is None or old is None
+                              or host_record(config) != host_record(old)):
             self._new_host()
         elif not config.python and self.host is not None:
             self.host.retire()
@@ -134,7 +148,7 @@ class ServiceRuntime:
         if self.host is not None:
             self.host.retire()  # it stays until its handlers are reported gone
             self.host = None
-        record = pickle.dumps(dataclasses.replace(self.config, function=None))
+        record = pickle.dumps(host_record(self.config))
         try:
             self.host = self.shared.new_pool(1, PYHOST, record)
         except OSError as e:

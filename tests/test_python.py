@@ -12,6 +12,7 @@ import os
 import socket
 
 import pytest
+import superd_testlib as lib
 from superd_testlib import connect, free_port, recv_until_eof
 
 HANDLERS = r'''
@@ -140,3 +141,49 @@ def test_python_handler_holds_no_other_services_secrets(new_daemon):
              "cat": {"listen": f"127.0.0.1:{free_port()}", "exec": ["/bin/cat"],
                      "env": {"API_TOKEN": secret}}})
     assert _talk(port) == b"clean"
+
+
+SLOW = r'''
+import os, time
+
+def slow(sock, env):
+    sock.sendall(b"%d %s\n" % (os.getppid(), env.get("GENERATION", "").encode()))
+    sock.recv(10)  # until the client says
+    return 0
+'''
+
+
+def test_reload_replaces_the_python_host_and_the_old_one_leaves(new_daemon):
+    """A changed python service gets a new host; the old host stays for the handlers it
+    started (their EXIT is logged) and leaves when they are done; a change to its limits
+    alone keeps the host."""
+    d = new_daemon()
+    (d.table.parent / "slow.py").write_text(SLOW)
+    port = free_port()
+
+    def table(generation: str, instances: int = 10) -> dict:
+        return {"slow": {"listen": f"127.0.0.1:{port}", "python": "slow.py:slow",
+                         "env": {"GENERATION": generation}, "instances": instances}}
+
+    d.start(table("one"))
+    held = connect("127.0.0.1", port)
+    host1, gen = held.recv(100).split()
+    assert gen == b"one"
+    d.reload(table("one", instances=20))  # limits only: the same host
+    with connect("127.0.0.1", port) as s:
+        assert s.recv(100).split() == [host1, b"one"]
+        s.sendall(b"bye")
+    d.reload(table("two"))
+    with connect("127.0.0.1", port) as s:
+        host2, gen = s.recv(100).split()
+        s.sendall(b"bye")
+    assert gen == b"two" and host2 != host1
+    assert lib.pid_alive(int(host1)), "the old host stays while its handler runs"
+    held.sendall(b"bye")
+    held.close()
+    d.wait_exit("slow", count=3)
+    lib.wait_until(lambda: not lib.pid_alive(int(host1)), 10, "the old host gone")
+    helpers = [p for p in lib.descendants(d.pid) if lib.is_helper(p)]
+    assert d.stop() == 0
+    lib.wait_until(lambda: not [p for p in helpers if lib.pid_alive(p)], 10,
+                   "every helper gone after superd stopped")
