@@ -10,6 +10,7 @@ from __future__ import annotations
 import _socket
 import errno
 import os
+import select
 import socket
 import stat
 import struct
@@ -19,6 +20,7 @@ from superd.access import Network, allowed, is_unicast
 from superd.limits import Limits
 from superd.listeners import Listener, plain_ip
 from superd.pipeline import Connection
+from superd.processes import Handler
 
 ACCEPT_BATCH = 64  # connections per wake-up per listener; the rest wait for the next turn
 DATAGRAM_BATCH = 256
@@ -198,6 +200,36 @@ def _ip_env(proto: str, ip: str, port: int, lip: str, lport: int) -> dict[str, s
     p, lp = str(port), str(lport)
     return {"PROTO": proto, "TCPREMOTEIP": ip, "TCPREMOTEPORT": p, "TCPLOCALIP": lip,
             "TCPLOCALPORT": lp, "REMOTE_ADDR": ip, "REMOTE_PORT": p, "REMOTE_HOST": ip}
+
+
+QUICK_EXIT = 1.0  # a wait handler gone sooner than this without taking its work has looped
+
+
+def waiting_on(listener: Listener) -> object:
+    """What waits on a listening socket now, to tell later whether a wait handler took it: the
+    first datagram (its sender and first bytes), or how many connections are queued."""
+    sock = listener.sock
+    try:
+        if not listener.stream:
+            return sock.recvfrom(64, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        if listener.family != socket.AF_UNIX:  # TCP_INFO's tcpi_unacked: the accept queue
+            queued = struct.unpack_from("I", sock.getsockopt(socket.IPPROTO_TCP,
+                                                             socket.TCP_INFO, 104), 24)[0]
+            return ("queued", queued) if queued else None
+        return "readable" if select.select([sock], [], [], 0)[0] else None
+    except (OSError, ValueError):
+        return None
+
+
+def looped(handler: Handler, duration: float) -> bool:
+    """Did a wait handler exit at once, leaving what waited on its socket where it was?"""
+    pending, listener = handler.pending, handler.listener
+    if pending is None or listener is None or duration >= QUICK_EXIT:
+        return False
+    now = waiting_on(listener)
+    if isinstance(pending, tuple) and pending[0] == "queued":
+        return isinstance(now, tuple) and now[0] == "queued" and bool(now[1] >= pending[1])
+    return bool(now == pending)
 
 
 def wait_peer_env(listener: Listener) -> tuple[str, dict[str, str]]:

@@ -17,6 +17,7 @@ from ipaddress import IPv4Network, IPv6Network
 from typing import Any
 
 from superd import fields
+from superd.fields import Backoff
 from superd.listeners import PROTOCOLS, Address
 from superd.yamlsrc import Document, Path, Problem, TableError, load
 
@@ -76,6 +77,7 @@ class Service:
     disabled: bool = False
     log_on_success: frozenset[str] = frozenset({"pid", "host", "exit", "duration"})
     log_on_failure: frozenset[str] = frozenset({"host"})
+    backoff: Backoff | None = Backoff()
     function: Callable[..., Any] | None = field(default=None, compare=False, repr=False)
     python_source: str = field(default="", repr=False)  # sha256 of a FILE.py handler
     file: str = field(default="", compare=False)

@@ -20,7 +20,7 @@ import sys
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from superd.listeners import PROTOCOLS, parse_address
 from superd.yamlsrc import check_owner
@@ -34,6 +34,15 @@ RLIMITS = {
 }
 SUCCESS_FIELDS = ("pid", "host", "exit", "duration", "traffic")
 FAILURE_FIELDS = ("host", "attempt")
+
+
+class Backoff(NamedTuple):
+    """When starting a handler keeps failing: pause the service after `after` failures in a
+    row, `first` seconds, doubling up to `most` (the `backoff:` key)."""
+
+    after: int = 5
+    first: float = 1.0
+    most: float = 60.0
 
 
 @dataclass
@@ -281,6 +290,25 @@ def fields_subset(key: str, allowed: tuple[str, ...]) -> Callable[[Any, Context]
     return parse
 
 
+def backoff(value: Any) -> Any:
+    """`backoff: false` (never pause), `true` (the default), or a mapping of `after` (failures
+    in a row), `first` and `max` (seconds)."""
+    if value is True:
+        return Backoff()
+    if value is False or value == "off":
+        return None
+    if not isinstance(value, dict):
+        raise ValueError("expected true, false or a mapping of after, first, max")
+    unknown = set(value) - {"after", "first", "max"}
+    if unknown:
+        raise ValueError(f"unknown {', '.join(sorted(unknown))} (expected after, first, max)")
+    out = Backoff(after=integer(value.get("after", 5), 1, 1000),
+                  first=seconds(value.get("first", 1.0)), most=seconds(value.get("max", 60.0)))
+    if out.most < out.first:
+        raise ValueError(f"max ({out.most:g}) is shorter than first ({out.first:g})")
+    return out
+
+
 def simple(key: str, parse: Callable[[Any], Any]) -> Callable[[Any, Context], dict[str, Any]]:
     return lambda value, ctx: {key: parse(value)}
 
@@ -313,6 +341,7 @@ SERVICE_KEYS: dict[str, Callable[[Any, Context], dict[str, Any]]] = {
     "disabled": simple("disabled", boolean),
     "log_on_success": fields_subset("log_on_success", SUCCESS_FIELDS),
     "log_on_failure": fields_subset("log_on_failure", FAILURE_FIELDS),
+    "backoff": lambda value, ctx: {"backoff": backoff(value)},
 }
 
 

@@ -3,8 +3,14 @@
 Two kinds of answer. `admit()` decides about one connection that passed the service's stages:
 refuse it (refuse-mode instances, per-source, max_children) and say why. `paused` stops the
 listener from being polled at all, so connections wait in the kernel backlog: queue-mode
-instances, an empty rate bucket, crash-loop back-off and running out of fds. Every pause ends
-by itself: a freed slot, a timer.
+instances, an empty rate bucket, back-off and running out of fds. Every pause ends by itself:
+a freed slot, a timer.
+
+Back-off is for loops no client can cause: a handler that cannot be started (its program is
+gone, not executable, its user cannot be switched to), and a `wait` handler that exits without
+taking what was waiting on its socket (inetd's "looping" service). How a nowait handler exits
+is its own affair: many real ones exit non-zero after every session (sshd -i, rsync on a bad
+greeting), each run uses up one client's connection, and there is no loop to break.
 
 A Limits is given what it needs, not its service: a clock, a timer function, how many of its
 handlers are active, whether max_children (or max_sessions) leaves room, and whom to tell when
@@ -19,9 +25,6 @@ from collections.abc import Callable
 from superd.config import Service
 from superd.loop import Timer
 
-QUICK_EXIT = 1.0  # a non-zero exit sooner than this after start counts toward back-off
-QUICK_EXITS = 5
-BACKOFF_FIRST, BACKOFF_MAX = 1.0, 60.0
 FD_BACKOFF_FIRST, FD_BACKOFF_MAX = 0.1, 5.0
 
 
@@ -39,8 +42,8 @@ class Limits:
         self.paused: str | None = None
         self.timer: Timer | None = None
         self.per_peer: Counter[str] = Counter()
-        self.quick_failures = 0
-        self.backoff = 0.0
+        self.failures = 0  # starts that failed in a row
+        self.backoff = 0.0  # the current back-off step, in seconds (0: none)
         self.fd_backoff = 0.0
         self.tokens = 0.0
         self.refilled = clock()
@@ -89,18 +92,27 @@ class Limits:
         if self.paused == "service_limit" and not self.full():
             self.resume()
 
-    def exited(self, peer: str, code: int, duration: float) -> None:
-        """A handler ended: free its slot, and watch for a crash loop."""
-        self.freed(peer)
-        if code != 0 and duration < QUICK_EXIT:
-            self.quick_failures += 1
-            if self.quick_failures >= QUICK_EXITS:
-                self.backoff = min(BACKOFF_MAX, self.backoff * 2 if self.backoff else BACKOFF_FIRST)
-                self.warn(f"BACKOFF: {self.config.name} {self.backoff:g}s")
-                self.pause("backoff", self.backoff)
-        elif code == 0 or duration >= QUICK_EXIT:
-            self.quick_failures = 0
-            self.backoff = 0.0
+    def failed(self) -> None:
+        """A handler could not be started, or a wait handler looped: after `backoff.after`
+        of those in a row, pause the service, `first` seconds doubling up to `max`."""
+        policy = self.config.backoff
+        self.failures += 1
+        if policy is None or self.failures < policy.after:
+            return
+        self.backoff = min(policy.most, self.backoff * 2 if self.backoff else policy.first)
+        self.warn(f"BACKOFF: {self.config.name} {self.backoff:g}s")
+        self.pause("backoff", self.backoff)
+
+    def succeeded(self) -> None:
+        """A handler started (and, for wait, took its work): the loop, if any, is over."""
+        self.failures = 0
+        self.backoff = 0.0
+
+    def backoff_left(self) -> dict[str, float] | None:
+        """For `superd status`: the back-off step and the seconds left of it."""
+        if self.paused != "backoff" or self.timer is None:
+            return None
+        return {"seconds": self.backoff, "left": round(max(0.0, self.timer.when - self.clock()), 1)}
 
     def out_of_fds(self, error: OSError, what: str = "accept") -> None:
         """An fd could not be had for this service: pause it, 0.1 s doubling up to 5 s."""

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from superd import proctree
+from superd.listeners import Listener
 from superd.loop import Timer
 
 SURVEY_EVERY = 0.5  # seconds between two looks for escaped processes, while handlers run
@@ -55,11 +56,12 @@ class Handler:
     pid: int = 0
     token: int = 0  # the spawner request, while SENT
     started: float = field(default_factory=time.monotonic)
-    listener: object | None = None  # a wait handler: the listening socket it holds
+    listener: Listener | None = None  # a wait handler: the listening socket it holds
     exec_pipe: int = -1  # in-loop fork: read end of the exec-status pipe, until read
     failure: bytes | str | None = None  # why it could not start, once known (raw or a sentence)
     inode: int = 0  # of its connection: how to recognise it if its spawner dies unanswered
     deadline: float | None = None  # when `timeout` ends it (and what it left in its session)
+    pending: object = None  # a wait handler: what waited on its socket when it was handed over
     timers: list[Timer] = field(default_factory=list)
 
     def cancel_timers(self) -> None:
@@ -79,7 +81,7 @@ class Escaped:
 
 
 class ProcessTable:
-    def __init__(self, max_children: int, released: Callable[[object], None],
+    def __init__(self, max_children: int, released: Callable[[Listener], None],
                  call_later: Callable[[float, Callable[[], None]], Timer],
                  helpers: Callable[[], set[int]]):
         self.max_children = max_children
@@ -89,7 +91,7 @@ class ProcessTable:
         self.by_pid: dict[int, Handler] = {}
         self.by_token: dict[int, Handler] = {}
         self.per_owner: Counter[Owner] = Counter()
-        self.holders: dict[object, Handler] = {}
+        self.holders: dict[Listener, Handler] = {}
         self.escaped: dict[int, Escaped] = {}
         self.recent: dict[int, Handler] = {}  # exited since the last survey, by pid
         self.survey_timer: Timer | None = None
@@ -107,7 +109,7 @@ class ProcessTable:
     def count(self, owner: Owner) -> int:
         return self.per_owner[owner]
 
-    def holder(self, listener: object) -> Handler | None:
+    def holder(self, listener: Listener) -> Handler | None:
         return self.holders.get(listener)
 
     def running(self) -> Iterator[Handler]:

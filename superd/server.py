@@ -164,7 +164,7 @@ class Server:
     def helper_pids(self) -> set[int]:
         return {pid for pool in self.pools for pid in pool.pids}
 
-    def released(self, listener: object) -> None:
+    def released(self, listener: Listener) -> None:
         """A wait handler exited: the service that has its listener may poll it again."""
         for runtime in self.services.values():
             if listener in runtime.listeners:

@@ -30,7 +30,9 @@ from superd.accept import (
     answer_unix_datagrams,
     drop_datagram,
     handler_env,
+    looped,
     wait_peer_env,
+    waiting_on,
 )
 from superd.access import allowed
 from superd.config import Service
@@ -64,9 +66,10 @@ class Shared:
 
 
 # What a python host does not need: how connections get to it, and what is logged of them.
-NOT_FOR_HOST: dict[str, Any] = {"listen": (), "instances": None, "on_limit": "queue", "per_source": None,
-                "rate": None, "only_from": (), "no_access": (), "timeout": None, "backlog": 128,
-                "log_on_success": frozenset(), "log_on_failure": frozenset(), "line": 0}
+NOT_FOR_HOST: dict[str, Any] = {
+    "listen": (), "instances": None, "on_limit": "queue", "per_source": None, "rate": None,
+    "only_from": (), "no_access": (), "timeout": None, "backlog": 128, "backoff": None,
+    "log_on_success": frozenset(), "log_on_failure": frozenset(), "line": 0}
 
 
 def host_record(config: Service) -> Service:
@@ -314,20 +317,25 @@ class ServiceRuntime:
             return
         self.accepted += 1
         self.changed()
-        self._start(listener.sock, peer, env, listener)
+        handler = self._start(listener.sock, peer, env, listener)
+        if handler is not None:
+            handler.pending = waiting_on(listener)
         self.poll()
 
     def _start(self, sock: socket.socket, peer: str, env: dict[str, str],
-               listener: Listener | None) -> None:
+               listener: Listener | None) -> Handler | None:
         try:
-            self.starter.handler(self, self.prepared, sock, peer, env, listener, self.stderr_w,
-                                 self.host)
+            return self.starter.handler(self, self.prepared, sock, peer, env, listener,
+                                        self.stderr_w, self.host)
         except (OSError, ValueError) as e:
             self.log.error(f"{self.name}: cannot fork: {getattr(e, 'strerror', None) or e}")
             self.refuse("exec", peer)
             self.limits.freed(peer)
             if isinstance(e, OSError) and e.errno in FD_ERRORS:
                 self.limits.out_of_fds(e, "start")  # as accept does: pause, back off
+            else:
+                self.limits.failed()
+            return None
 
     def handler_running(self, handler: Handler) -> None:
         """The handler has a pid: log START, start its clock."""
@@ -342,6 +350,7 @@ class ServiceRuntime:
         self.log.error(f"{self.name}: cannot start handler: {spawn.failure_text(failure)}")
         self.refuse("exec", handler.peer)
         self.limits.freed(handler.peer)
+        self.limits.failed()
         self._release_if_retired()
 
     def handler_exited(self, handler: Handler, status: int) -> None:
@@ -353,12 +362,18 @@ class ServiceRuntime:
         if failure is not None:
             self.log.error(f"{self.name}: cannot start handler: {failure}")
             self.refuse("exec", handler.peer)
-            code = spawn.EXEC_FAILED
+            self.limits.failed()
         else:
             code = os.waitstatus_to_exitcode(status)
             self.last_exit = code
             self.log_exit(handler, code, duration)
-        self.limits.exited(handler.peer, code, duration)
+            if looped(handler, duration):
+                self.log.warning(f"{self.name}: the handler exited without taking what waits "
+                                 "on its socket")
+                self.limits.failed()
+            else:
+                self.limits.succeeded()
+        self.limits.freed(handler.peer)
         self._release_if_retired()
 
     def overrun(self, handler: Handler) -> None:
@@ -399,5 +414,6 @@ class ServiceRuntime:
         return {"accepted": self.accepted, "active": self.active(),
                 "refused": dict(self.refused), "paused": self.paused,
                 "answered": self.answered, "dropped": self.dropped,
+                "backoff": self.limits.backoff_left(),
                 "last_exit": self.last_exit,
                 "listen": [str(listener) for listener in self.listeners]}

@@ -30,33 +30,33 @@ class Starter:
 
     def handler(self, owner: Owner, prep: spawn.Prepared, sock: socket.socket, peer: str,
                 env: dict[str, str], listener: Listener | None, stderr_fd: int,
-                host: Spawners | None = None) -> None:
+                host: Spawners | None = None) -> Handler:
         """Start `owner`'s handler for `sock` (a connection, or for a wait service the
         listener itself). OSError when it cannot even be forked; the caller still owns
         `sock` and closes it. A python handler is forked by its service's `host`, never
         by superd itself: it would hold superd's memory, every other service's included."""
         if prep.service.python:
-            self._python(owner, prep, sock, peer, env, listener, stderr_fd, host)
-            return
+            return self._python(owner, prep, sock, peer, env, listener, stderr_fd, host)
         spawners = self.spawners()
         if listener is None and prep.fast and spawners is not None:
             token = spawners.next_token()
             log_fd = stderr_fd if prep.service.stderr == "log" and stderr_fd >= 0 else -1
             fds = [sock.fileno()] if log_fd < 0 else [sock.fileno(), log_fd]
             if spawners.send(prep.request(token, env, log_fd), fds):
-                inode = os.fstat(sock.fileno()).st_ino
-                self.processes.sent(Handler(owner, peer, inode=inode), token)
-                return
+                handler = Handler(owner, peer, inode=os.fstat(sock.fileno()).st_ino)
+                self.processes.sent(handler, token)
+                return handler
         started = spawn.spawn(prep, sock, env, listener is not None, stderr_fd)
         handler = Handler(owner, peer, listener=listener, exec_pipe=started.exec_pipe,
                           failure=started.failure)
         if started.exec_pipe >= 0:
             self.loop.add(started.exec_pipe, READ, partial(self._exec_pipe, handler))
         self.processes.started(handler, started.pid)
+        return handler
 
     def _python(self, owner: Owner, prep: spawn.Prepared, sock: socket.socket, peer: str,
                 env: dict[str, str], listener: Listener | None, stderr_fd: int,
-                host: Spawners | None) -> None:
+                host: Spawners | None) -> Handler:
         if host is None:
             raise OSError(errno.EAGAIN, "its python host is not running")
         token = host.next_token()
@@ -64,8 +64,9 @@ class Starter:
         fds = [sock.fileno()] if log_fd < 0 else [sock.fileno(), log_fd]
         if not host.send(prep.request(token, env, log_fd), fds):
             raise OSError(errno.EAGAIN, "its python host cannot take the request")
-        inode = os.fstat(sock.fileno()).st_ino
-        self.processes.sent(Handler(owner, peer, listener=listener, inode=inode), token)
+        handler = Handler(owner, peer, listener=listener, inode=os.fstat(sock.fileno()).st_ino)
+        self.processes.sent(handler, token)
+        return handler
 
     def _exec_pipe(self, handler: Handler, mask: int) -> None:
         """The exec-status pipe closed (exec worked) or says why it failed."""

@@ -217,13 +217,16 @@ def test_handler_crashes(faulty, kind):
     f.recovered()
 
 
-def test_crash_loop_backs_off_and_recovers(faulty):
-    """Quick failures in a row pause the service (BACKOFF), never switch it off: a client that
-    connects during the back-off waits in the backlog and is served when it ends."""
-    f = faulty({"crash": sh("echo partial; exit 3")})
+def test_crash_loop_backs_off_and_recovers(faulty, tmp_path):
+    """Starts that fail in a row pause the service (BACKOFF), never switch it off: a client
+    that connects during the back-off waits in the backlog and is served when it ends."""
+    script = lib.write_script(tmp_path / "crash.sh", "#!/bin/sh\necho partial\nexit 3\n")
+    f = faulty({"crash": {"exec": [str(script)]}})
+    script.chmod(0o644)  # its program can no longer be executed
     for _ in range(5):
-        assert tcp_exchange("127.0.0.1", f.port("crash"), b"") == b"partial\n"
+        assert tcp_exchange("127.0.0.1", f.port("crash"), b"") == b""
     f.d.wait_log(r"^BACKOFF: crash 1s")
+    script.chmod(0o755)
     t0 = time.monotonic()
     f.canaries()  # the others do not back off
     assert tcp_exchange("127.0.0.1", f.port("crash"), b"", timeout=10) == b"partial\n"
