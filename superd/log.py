@@ -75,7 +75,9 @@ class Log:
             self.stamp_second = second
             self.stamp = time.strftime("%b %e %H:%M:%S", time.localtime(now))
         if self.journal is not None and self.journal_owns_syslog:
-            self.journal(message, severity, fields)  # /dev/log is journald: say it once
+            # /dev/log is journald: say it once, with the facility and ident of the settings,
+            # which journald hands on to a syslog daemon behind it (rsyslog files by them).
+            self.journal(message, severity, self.facility, self.ident, fields)
             return
         if self.sock is None and time.monotonic() >= self.next_try:
             self._connect()
@@ -86,7 +88,7 @@ class Log:
             sys.stderr.write(f"{self.stamp} {self.ident}[{self.pid}]: {message}\n")
             sys.stderr.flush()
         if self.journal is not None:
-            self.journal(message, severity, fields)
+            self.journal(message, severity, self.facility, self.ident, fields)
 
     def attach(self, loop: Loop) -> None:
         """From now on never block the loop: queue what syslogd cannot take yet."""
