@@ -13,7 +13,6 @@ it installed the way an admin installs it, offline.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -26,8 +25,7 @@ from superd_testlib import REPO
 # What the tests use inside besides superd: rsyslog behind journald, fail2ban-regex, man.
 EXTRA_PACKAGES = ("rsyslog", "fail2ban", "man-db")
 INSIDE_DEB = "/srv/superd-deb"
-INSIDE_DEPS = "/srv/superd-deps"
-APT_OFFLINE = ["-o", "Dir::Etc::SourceList=/dev/null", "-o", "Dir::Etc::SourceParts=/dev/null"]
+APT_OFFLINE = sl.APT_OFFLINE
 
 
 def package_tools_missing() -> str | None:
@@ -62,44 +60,14 @@ def deb_depends(deb: Path) -> list[str]:
             for part in text.split(",") if part.strip()]
 
 
-def dependency_debs(root: Path, packages: list[str], timeout: float = 600) -> Path:
-    """A folder of the .debs `packages` need on `root` (only what root lacks), downloaded by
-    the host's apt against root's dpkg status. Cached by package list and root."""
-    status = root / "var" / "lib" / "dpkg" / "status"
-    key = hashlib.sha256((" ".join(sorted(packages)) + "\n").encode()
-                         + status.read_bytes()).hexdigest()[:16]
-    folder = sl.CACHE / f"debs-{key}"
-    if (folder / ".complete").exists():
-        return folder
-    tmp = sl.CACHE / f"debs-{key}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "partial").mkdir(parents=True)
-    cmd = ["apt-get", "-q", "-y", "--no-install-recommends", "--download-only",
-           "-o", f"Dir::State::status={status}", "-o", f"Dir::Cache::archives={tmp}",
-           "-o", "Debug::NoLocking=1", "install", *packages]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    if r.returncode != 0:  # the host's package lists may be missing or stale: refresh once
-        subprocess.run(["apt-get", "update", "-q"], capture_output=True, timeout=timeout)
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, f"downloading {packages} failed:\n{r.stdout[-2000:]}{r.stderr}"
-    shutil.rmtree(tmp / "partial")
-    (tmp / ".complete").write_text(" ".join(packages) + "\n")
-    shutil.rmtree(folder, ignore_errors=True)
-    os.rename(tmp, folder)
-    return folder
-
-
 def boot_with_package(root: Path, workdir: Path, deb: Path, deps: Path) -> sl.Container:
     """Boot a container and install superd's .deb and `deps` with apt, with no sources."""
-    box = sl.Container(root, workdir, [(str(deb.parent), INSIDE_DEB), (str(deps), INSIDE_DEPS)])
+    box = sl.Container(root, workdir, [(str(deb.parent), INSIDE_DEB),
+                                       (str(deps), sl.DEBS_INSIDE)])
     box.boot()
     # fail2ban is here for fail2ban-regex only: its daemon would start a jail (and firewall
     # rules in the network namespace the container shares with the host).
     box.run(["systemctl", "mask", "fail2ban.service"])
-    files = sorted(f"{INSIDE_DEPS}/{p.name}" for p in deps.glob("*.deb"))
-    r = box.run(["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", *APT_OFFLINE, "install",
-                 "-y", "-q", "--no-install-recommends", *files, f"{INSIDE_DEB}/{deb.name}"],
-                check=False, timeout=600)
-    assert r.returncode == 0, f"apt-get install in the container:\n{r.stdout[-3000:]}{r.stderr}"
-    box.install_log = r.stdout
+    files = sorted(f"{sl.DEBS_INSIDE}/{p.name}" for p in deps.glob("*.deb"))
+    box.install_log = sl.install_debs(box, [*files, f"{INSIDE_DEB}/{deb.name}"])
     return box

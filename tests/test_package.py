@@ -46,7 +46,7 @@ def box(tmp_path_factory):
     container = None
     try:
         root = sl.container_root()
-        deps = pl.dependency_debs(root, pl.deb_depends(deb) + list(pl.EXTRA_PACKAGES))
+        deps = sl.dependency_debs(root, pl.deb_depends(deb) + list(pl.EXTRA_PACKAGES))
         t0 = time.monotonic()
         container = pl.boot_with_package(root, work, deb, deps)
         container.install_seconds = time.monotonic() - t0
