@@ -287,6 +287,17 @@ def test_man_superd_works_after_pip_install(tmp_path, editable):
         where = _man(venv, "-w", page)
         assert where.returncode == 0, f"man -w {page}: {where.stderr}"
         assert where.stdout.strip() == f"{venv}/share/man/man{section}/{page}.{section}"
+    # systemd/README.md's venv install: /usr/local/bin/superd and the pages linked into
+    # /usr/local/share/man, found through /usr/local/bin on PATH (here a stand-in prefix).
+    local = tmp_path / "local"
+    (local / "bin").mkdir(parents=True)
+    (local / "bin" / "superd").symlink_to(venv / "bin" / "superd")
+    assert _man(local, "-w", "superd.yaml").returncode != 0, "not found before the links"
+    for page in (venv / "share" / "man").glob("man*/*"):
+        (local / "share" / "man" / page.parent.name).mkdir(parents=True, exist_ok=True)
+        (local / "share" / "man" / page.parent.name / page.name).symlink_to(page)
+    where = _man(local, "-w", "superd.yaml")  # man-db shows the link's target
+    assert where.stdout.strip() == f"{venv}/share/man/man5/superd.yaml.5", where.stderr
     shown = _man(venv, "superd.yaml")
     assert shown.returncode == 0 and "per_source" in shown.stdout, shown.stderr
     assert re.search(r"^\s+Type: whole number, 1 to 65535$", shown.stdout, re.M)
