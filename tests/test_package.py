@@ -122,6 +122,7 @@ def test_man_pages_completion_handlers_and_filter_are_installed(box):
                  "/usr/share/zsh/vendor-completions/_superd",
                  "/etc/fail2ban/filter.d/superd.conf",
                  "/usr/share/doc/superd/examples/jail-superd.conf",
+                 "/usr/share/doc/superd/services.md.gz",
                  f"{SERVICES}/hello.py"):
         box.run(["test", "-f", path])
     for program in ("http_hello", "udp_upper"):
