@@ -87,39 +87,35 @@ def missing_entry_fields(body: str) -> list[str]:
 # superd.yaml(5): the table
 
 
-def test_every_service_key_has_an_entry_with_type_default_and_example():
-    documented = entries(sections(YAML5)["Service keys"])
+def entry_problems(what: str, section: str, accepted: list[str], source: str) -> list[str]:
+    """What superd.yaml(5)'s `section` lacks (or has too many) against the keys the parser
+    accepts, each said so that whoever adds a key knows what to write where."""
+    documented = entries(sections(YAML5)[section])
+    page = YAML5.relative_to(REPO)
     problems = []
-    for key in fields.SERVICE_KEYS:
+    for key in accepted:
         if key not in documented:
-            problems.append(f"service key {key!r} (superd/fields.py SERVICE_KEYS) has no entry "
-                            f"in superd.yaml(5): add a line '**{key}**' under 'Service keys' "
-                            f"in {YAML5.relative_to(REPO)}")
+            problems.append(f"{what} key {key!r} ({source}) has no entry in superd.yaml(5): "
+                            f"add a line '**{key}**' under '{section}' in {page}")
             continue
         for f in missing_entry_fields(documented[key]):
-            problems.append(f"service key {key!r}: its entry in superd.yaml(5) "
-                            f"({YAML5.relative_to(REPO)}) has no '| {f}: ...' line")
-    for key in documented.keys() - fields.SERVICE_KEYS.keys():
-        problems.append(f"superd.yaml(5) documents a service key {key!r} that "
-                        "superd/fields.py SERVICE_KEYS does not accept")
+            problems.append(f"{what} key {key!r}: its entry in superd.yaml(5) ({page}) has no "
+                            f"'| {f}: ...' line")
+    for key in sorted(documented.keys() - set(accepted)):
+        problems.append(f"superd.yaml(5) documents a {what} key {key!r} that {source} does "
+                        "not accept")
+    return problems
+
+
+def test_every_service_key_has_an_entry_with_type_default_and_example():
+    problems = entry_problems("service", "Service keys", list(fields.SERVICE_KEYS),
+                              "superd/fields.py SERVICE_KEYS")
     assert not problems, "\n".join(problems)
 
 
 def test_every_settings_key_has_an_entry_with_type_default_and_example():
-    documented = entries(sections(YAML5)["SETTINGS"])
-    problems = []
-    for key in settings_keys():
-        if key not in documented:
-            problems.append(f"settings key {key!r} (superd/config.py Settings) has no entry in "
-                            f"superd.yaml(5): add a line '**{key}**' under 'SETTINGS' in "
-                            f"{YAML5.relative_to(REPO)}")
-            continue
-        for f in missing_entry_fields(documented[key]):
-            problems.append(f"settings key {key!r}: its entry in superd.yaml(5) "
-                            f"({YAML5.relative_to(REPO)}) has no '| {f}: ...' line")
-    for key in documented.keys() - set(settings_keys()):
-        problems.append(f"superd.yaml(5) documents a settings key {key!r} that "
-                        "superd/config.py does not accept")
+    problems = entry_problems("settings", "SETTINGS", settings_keys(),
+                              "superd/config.py Settings")
     assert not problems, "\n".join(problems)
 
 

@@ -24,6 +24,7 @@ from superd_testlib import (
     connect,
     connection_refused,
     free_port,
+    recv_until_eof,
     tcp_exchange,
     udp_request,
     wait_until,
@@ -140,12 +141,7 @@ def test_a_conf_d_service_answers_after_start_and_another_after_reload(box):
     assert tcp_exchange("127.0.0.1", pe, b"ping\n", expect_len=5) == b"ping\n"
     with connect("127.0.0.1", ph) as s:
         s.sendall(b"upper shout\nquit\n")
-        got = b""
-        for _ in range(100):
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            got += chunk
+        got = recv_until_eof(s)
     assert b"SHOUT\r\n" in got or b"SHOUT\n" in got, got
     main = show(box, "MainPID")["MainPID"]
 
