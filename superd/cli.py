@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     status = sub.add_parser("status", help="live per-service counters")
     status.add_argument("-c", "--config")
     status.add_argument("--json", action="store_true")
+    status.add_argument("services", nargs="*", metavar="SERVICE", help="only these services")
     imp = sub.add_parser("import", help="translate inetd.conf or xinetd config to YAML on stdout")
     imp.add_argument("kind", choices=("inetd", "xinetd"))
     imp.add_argument("file")
@@ -180,6 +181,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     answer = _ask(args, "status")
     if answer is None:
         return 1
+    unknown = [name for name in args.services if name not in answer["services"]]
+    if unknown:
+        print(f"superd: no such service: {', '.join(unknown)}", file=sys.stderr)
+        return 1
+    if args.services:
+        answer["services"] = {name: answer["services"][name] for name in args.services}
     if args.json:
         print(json.dumps(answer, indent=2, sort_keys=True))
         return 0

@@ -50,11 +50,17 @@ def passed_sockets() -> dict[str, list[socket.socket]]:
     return out
 
 
-JournalSender = Callable[[str, int, dict[str, str]], None]
+JournalSender = Callable[[str, int, int, str, dict[str, str]], None]
 
 
 def journal_sender() -> JournalSender | None:
-    """A function that sends a record with fields to the journal, or None outside systemd."""
+    """A function that sends a record with fields to the journal, or None outside systemd.
+
+    It is called as send(message, priority, facility, ident, fields), `facility` being the
+    syslog code (LOG_DAEMON...). The record carries SYSLOG_FACILITY and SYSLOG_IDENTIFIER from
+    settings.syslog: without them journald files it as `user` and under the name `superd`
+    when it forwards it to rsyslog, whatever the table says.
+    """
     if not os.environ.get("JOURNAL_STREAM") and not os.environ.get("INVOCATION_ID"):
         return None
     try:
@@ -62,7 +68,9 @@ def journal_sender() -> JournalSender | None:
     except ImportError:
         return None
 
-    def send(message: str, priority: int, fields: dict[str, str]) -> None:
+    def send(message: str, priority: int, facility: int, ident: str,
+             fields: dict[str, str]) -> None:
         extra = {k: v for k, v in fields.items() if v}
-        journal.send(message, PRIORITY=str(priority), SYSLOG_IDENTIFIER="superd", **extra)
+        journal.send(message, PRIORITY=str(priority), SYSLOG_FACILITY=str(facility >> 3),
+                     SYSLOG_IDENTIFIER=ident, **extra)
     return send

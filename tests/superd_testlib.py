@@ -353,12 +353,15 @@ def parse_log_line(raw: str) -> LogLine | None:
 
 
 class Rsyslog:
-    """A private rsyslogd: imuxsock on DIR/log.sock, every message into DIR/out.log."""
+    """A private rsyslogd: imuxsock on DIR/log.sock, every message into DIR/out.log (with the
+    sender's pid, for the tests) and DIR/syslog (as Debian's /var/log/syslog has it, for log
+    watchers such as fail2ban)."""
 
     def __init__(self, directory: Path):
         self.dir = directory
         self.sock = directory / "log.sock"
         self.out = directory / "out.log"
+        self.syslog_file = directory / "syslog"
         self.conf = directory / "rsyslog.conf"
         self.pidfile = directory / "rsyslogd.pid"
         self.proc: subprocess.Popen | None = None
@@ -382,6 +385,8 @@ template(name="superdtest" type="list") {{
   constant(value="\\n")
 }}
 *.* action(type="omfile" file="{self.out}" template="superdtest" flushOnTXEnd="on")
+*.* action(type="omfile" file="{self.syslog_file}" template="RSYSLOG_TraditionalFileFormat"
+           flushOnTXEnd="on")
 """)
         check = subprocess.run([exe, "-N1", "-f", str(self.conf)], capture_output=True,
                                text=True, timeout=20)

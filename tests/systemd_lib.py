@@ -13,6 +13,8 @@ Every wait here is bounded by a deadline.
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import importlib.util
 import os
 import re
 import shutil
@@ -125,6 +127,63 @@ def container_root(timeout: float = 900.0) -> Path:
     (tmp / ".superd-test-root").write_text(ROOT_STAMP)
     os.rename(tmp, root)
     return root
+
+
+def dependency_debs(root: Path, packages: list[str], timeout: float = 600) -> Path:
+    """A folder of the .debs `packages` need on `root` (only what root lacks), downloaded by
+    the host's apt (from the host's mirror) against root's dpkg status; cached by package
+    list and root. The container's apt has no network: install from these files."""
+    status = root / "var" / "lib" / "dpkg" / "status"
+    key = hashlib.sha256((" ".join(sorted(packages)) + "\n").encode()
+                         + status.read_bytes()).hexdigest()[:16]
+    folder = CACHE / f"debs-{key}"
+    if (folder / ".complete").exists():
+        return folder
+    tmp = CACHE / f"debs-{key}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "partial").mkdir(parents=True)
+    cmd = ["apt-get", "-q", "-y", "--no-install-recommends", "--download-only",
+           "-o", f"Dir::State::status={status}", "-o", f"Dir::Cache::archives={tmp}",
+           "-o", "Debug::NoLocking=1", "install", *packages]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0:  # the host's package lists may be missing or stale: refresh once
+        subprocess.run(["apt-get", "update", "-q"], capture_output=True, timeout=timeout)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"downloading {packages} failed:\n{r.stdout[-2000:]}{r.stderr}"
+    shutil.rmtree(tmp / "partial")
+    (tmp / ".complete").write_text(" ".join(packages) + "\n")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.rename(tmp, folder)
+    return folder
+
+
+DEBS_INSIDE = "/srv/superd-debs"
+APT_OFFLINE = ["-o", "Dir::Etc::SourceList=/dev/null", "-o", "Dir::Etc::SourceParts=/dev/null"]
+
+
+def install_debs(box: Container, files: list[str], timeout: float = 600) -> str:
+    """`apt-get install` of .deb files inside (paths as the container sees them), with no apt
+    sources at all: what they need must be among them or already installed. Its output."""
+    r = box.run(["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", *APT_OFFLINE, "install",
+                 "-y", "-q", "--no-install-recommends", *files], check=False, timeout=timeout)
+    assert r.returncode == 0, f"apt-get install in the container:\n{r.stdout[-3000:]}{r.stderr}"
+    return r.stdout
+
+
+def venv_debian_packages() -> list[str]:
+    """The Debian packages this venv takes superd's dependencies from, when it was made with
+    --system-site-packages from Debian's python3 (bash .ci/setup): the container needs them
+    too, as the venv is bound in but /usr is the container's own."""
+    names = []
+    for module in ("yaml", "systemd", "daemon"):
+        spec = importlib.util.find_spec(module)
+        origin = spec.origin if spec is not None else None
+        if origin and origin.startswith("/usr/lib/python3/dist-packages/"):
+            r = subprocess.run(["dpkg-query", "-S", origin], capture_output=True, text=True,
+                               timeout=30)
+            if r.returncode == 0:
+                names.append(r.stdout.split(":")[0])
+    return sorted(set(names))
 
 
 def _ns_pid1(pid: int) -> bool:

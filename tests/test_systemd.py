@@ -576,7 +576,13 @@ def container(tmp_path_factory):
         units.mkdir()
         binds = sl.interpreter_binds() + [(str(etc), "/etc/superd"),
                                           (str(units), "/srv/superd-test")]
+        debian = sl.venv_debian_packages()  # a venv on Debian's python3-yaml etc.
+        debs = sl.dependency_debs(root, debian) if debian else None
+        if debs is not None:
+            binds.append((str(debs), sl.DEBS_INSIDE))
         box = sl.Container(root, work, binds).boot()
+        if debs is not None:
+            sl.install_debs(box, sorted(f"{sl.DEBS_INSIDE}/{p.name}" for p in debs.glob("*.deb")))
         box.etc, box.units = etc, units
         # Installed as systemd/README.md says: the console script on /usr/local/bin (here the
         # checkout's venv, bound at its own path), the shipped unit as it is.
