@@ -38,6 +38,14 @@ KILL_AFTER_TERM = 2.0  # `timeout`: SIGKILL this long after SIGTERM (SPEC §2)
 SENT, RUNNING, EXITED = "sent", "running", "exited"
 
 
+class Tree(Protocol):
+    """What the table asks of /proc about superd's descendants (superd/proctree.py)."""
+
+    def children(self, pid: int | str = "self") -> list[int]: ...
+    def descendants(self, pid: int | str = "self") -> list[int]: ...
+    def session_of(self, pid: int) -> int | None: ...
+
+
 class Owner(Protocol):
     """What a handler's service hears from the table."""
 
@@ -83,8 +91,9 @@ class Escaped:
 class ProcessTable:
     def __init__(self, max_children: int, released: Callable[[Listener], None],
                  call_later: Callable[[float, Callable[[], None]], Timer],
-                 helpers: Callable[[], set[int]]):
+                 helpers: Callable[[], set[int]], tree: Tree = proctree):
         self.max_children = max_children
+        self.tree = tree
         self.released = released  # a wait handler's listener is free again
         self.call_later = call_later
         self.helpers = helpers  # superd's own child processes (spawners): not handlers
@@ -199,7 +208,7 @@ class ProcessTable:
         that is in, and what it left behind in its session."""
         if self.by_pid.get(handler.pid) is not handler:
             return
-        below = proctree.descendants(handler.pid)
+        below = self.tree.descendants(handler.pid)
         self.signal(handler, sig)
         _kill(below, sig)
         _kill([pid for pid, e in self.escaped.items() if e.session == handler.pid], sig)
@@ -216,7 +225,7 @@ class ProcessTable:
     def _signal_everything(self, sig: int) -> None:
         self.survey()
         helpers = self.helpers()
-        below = [pid for pid in proctree.descendants(os.getpid()) if pid not in helpers]
+        below = [pid for pid in self.tree.descendants() if pid not in helpers]
         for handler in self.running():
             self.signal(handler, sig)
         _kill([*self.escaped, *below], sig)
@@ -228,10 +237,10 @@ class ProcessTable:
         self.survey_timer = None
         helpers = self.helpers()
         now = time.monotonic()
-        for pid in proctree.children():
+        for pid in self.tree.children():
             if pid in self.by_pid or pid in self.escaped or pid in helpers:
                 continue
-            session = proctree.session_of(pid)
+            session = self.tree.session_of(pid)
             if session is None:
                 continue
             origin = self.by_pid.get(session) or self.recent.get(session)
@@ -253,7 +262,7 @@ class ProcessTable:
         rest could not have started. Returns the handlers found."""
         found = []
         by_inode = {self.by_token[t].inode: t for t in tokens if t in self.by_token}
-        for pid in proctree.children():
+        for pid in self.tree.children():
             if pid in self.by_pid or pid in spawner_pids:
                 continue
             try:

@@ -28,10 +28,10 @@ def children(pid: int | str = "self") -> list[int]:
     return out
 
 
-def descendants(pid: int) -> list[int]:
+def descendants(pid: int | str = "self") -> list[int]:
     """Every process below `pid`, children first."""
     out: list[int] = []
-    todo = [pid]
+    todo: list[int | str] = [pid]
     while todo and len(out) < MAX_PROCESSES:
         kids = children(todo.pop())
         out += kids

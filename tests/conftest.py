@@ -6,6 +6,9 @@
   made is checked for zombie children, stopped with SIGTERM (must exit 0) at teardown.
 - ``new_daemon`` (function): same, but returns an unstarted Superd (for bad tables etc.).
 - the session ends with a check that no daemon is alive and no test port is still listening.
+
+The in-process tests (tests/unit/, tests/test_structure.py) run first: they take seconds and
+name a broken rule before any daemon starts; tests/test_zz_session.py stays last.
 """
 
 from __future__ import annotations
@@ -18,6 +21,14 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import superd_testlib as lib  # noqa: E402
+
+
+def pytest_collection_modifyitems(items):
+    """In-process tests first (stable sort: otherwise in the usual name order)."""
+    def daemonless(item) -> bool:
+        path = str(item.path)
+        return f"{os.sep}unit{os.sep}" in path or path.endswith("test_structure.py")
+    items.sort(key=lambda item: not daemonless(item))
 
 
 @pytest.fixture(scope="session")

@@ -1,24 +1,19 @@
 """Helpers for the limits / access / overload tests (test_limits, test_access, test_overload).
 
 Read-only users of superd_testlib: clients bound to a chosen source address, a bounded reader
-for many sockets at once, `superd status --json`, the timestamps handlers write, CPU time of a
-process. Every loop is bounded in count and time.
+for many sockets at once, one service's part of `superd status --json` (superd_testlib.status),
+the timestamps handlers write. Every loop is bounded in count and time.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import selectors
 import socket
-import subprocess
 import time
 from datetime import datetime
 
-from superd_testlib import PY, REPO, Superd, daemon_env, family_of, recv_until_eof
-
-CLK_TCK = os.sysconf("SC_CLK_TCK")
+from superd_testlib import Superd, family_of, recv_until_eof, status
 
 
 def connect_from(src: str, host: str, port: int, timeout: float = 5.0) -> socket.socket:
@@ -95,24 +90,8 @@ def read_all(socks: list[socket.socket], timeout: float) -> list[bytes]:
     return [bytes(b) for b in bufs]
 
 
-def status(d: Superd) -> dict:
-    """`superd status --json -c TABLE` against the daemon under test."""
-    r = subprocess.run([PY, "-m", "superd", "status", "--json", "-c", str(d.table)], cwd=REPO,
-                       env=daemon_env(), capture_output=True, text=True, timeout=20)
-    assert r.returncode == 0, f"superd status exited {r.returncode}: {r.stderr}"
-    return json.loads(r.stdout)
-
-
 def svc_status(d: Superd, name: str) -> dict:
     return status(d)["services"][name]
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of `pid`, from /proc/PID/stat."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    # after the comm field: state is fields[0], utime is stat field 14 -> fields[11]
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def read_stamps(path) -> list[tuple[str, float, str]]:

@@ -3,14 +3,14 @@ test_security.py ("prove it does not break").
 
 What is here:
 
-- what a daemon holds, read from /proc: its fds, its RSS, its children (`Snapshot`), and its
-  live counters through the control socket (`control()`), plus `wait_quiet()` to wait until no
-  handler and no internal session is left;
+- what a daemon holds, read from /proc: its fds, its RSS, its children (`Snapshot`), and
+  `wait_quiet()`, which asks its control socket until no handler and no session is left;
 - the clients of the soak: one function per service kind that does a whole exchange and says
   whether the answer was the full correct one (`EXCHANGES`);
-- starting superd with sockets the test holds, as systemd's socket activation does
-  (`start_with_listen_fds()`);
-- running a command as another user (`as_user()`), and the RFC 864 chargen pattern.
+- running a command as another user (`as_user()`, `run_as()`), and the RFC 864 chargen pattern.
+
+Starting superd with sockets the test holds (socket activation) or under a command such as
+prlimit is Superd.start(passed=..., prefix=...) in superd_testlib.
 
 Every wait is bounded by a deadline and every loop by a count.
 """
@@ -18,15 +18,11 @@ Every wait is bounded by a deadline and every loop by a count.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import pwd
 import random
 import re
-import shutil
-import socket
 import struct
-import subprocess
 import threading
 import time
 from collections import Counter
@@ -83,13 +79,6 @@ def rss_kb(pid: int) -> int:
     return int(proc_status(pid)["VmRSS"].split()[0])
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, from /proc/PID/stat."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 @dataclass
 class Snapshot:
     fds: dict[int, str]
@@ -112,13 +101,12 @@ def cmdline(pid: int) -> str:
         return "?"
 
 
-is_helper = lib.is_helper
+is_helper = lib.is_spawner
 descendants = lib.descendants
 
 
 def helpers(d: lib.Superd) -> list[int]:
-    """superd's spawner processes (not the python hosts)."""
-    return [p for p in d.children() if lib.is_spawner(p)]
+    return [p for p in d.children() if is_helper(p)]
 
 
 def handler_procs(d: lib.Superd) -> list[int]:
@@ -139,17 +127,7 @@ def fd_diff(before: Snapshot, after: Snapshot) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# the control socket
-
-
-def control(d: lib.Superd, command: str = "status", timeout: float = 5.0) -> dict:
-    """Send one command on the daemon's control socket, return its JSON answer."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(str(d.ctl))
-        s.sendall(command.encode() + b"\n")
-        data = lib.recv_until_eof(s, timeout, limit=1 << 20)
-    return json.loads(data)
+# the daemon's live counters (Superd.control(): its control socket)
 
 
 def busy(status: dict) -> list[str]:
@@ -165,7 +143,7 @@ def wait_quiet(d: lib.Superd, timeout: float = 20.0) -> dict:
     last: dict = {}
 
     def quiet():
-        last["status"] = control(d)
+        last["status"] = d.control()
         return not busy(last["status"]) and not handler_procs(d)
 
     try:
@@ -369,90 +347,6 @@ EXCHANGES = {
     "echo-u": x_echo_u, "time-u": x_time_u, "chargen-u": x_chargen_u, "upper-u": x_upper_u,
 }
 TCP_KINDS = {"echo", "discard", "chargen", "daytime", "time", "cat", "sha", "py"}
-
-
-# --------------------------------------------------------------------------------------------
-# socket activation without systemd
-
-
-LISTEN_WRAPPER = (
-    "import os, sys\n"
-    "src = [int(x) for x in sys.argv[1].split(',')]\n"
-    "for i, fd in enumerate(src):\n"
-    "    os.dup2(fd, 3 + i)\n"
-    "for fd in src:\n"
-    "    if fd >= 3 + len(src):\n"
-    "        os.close(fd)\n"
-    "os.environ['LISTEN_PID'] = str(os.getpid())\n"
-    "os.execv(sys.argv[2], sys.argv[2:])\n"
-)
-
-
-def listen_fds_argv(nfds: int, src_fds: list[int], argv: list[str]) -> list[str]:
-    """A command that puts `src_fds` on fds 3.. and sets LISTEN_PID to the pid that then
-    execs `argv` (what `sh -c 'LISTEN_PID=$$ exec "$0" "$@"'` does; dash cannot redirect fds
-    above 9, hence python)."""
-    assert len(src_fds) == nfds and all(fd >= 3 + nfds for fd in src_fds)
-    return [lib.PY, "-c", LISTEN_WRAPPER, ",".join(map(str, src_fds)), *argv]
-
-
-def high_dup(sock: socket.socket, at_least: int = 40) -> int:
-    """An inheritable copy of `sock` on a high fd, out of the way of 0..3+N."""
-    import fcntl
-    fd = fcntl.fcntl(sock.fileno(), fcntl.F_DUPFD, at_least)
-    os.set_inheritable(fd, True)
-    return fd
-
-
-def start_with_listen_fds(d: lib.Superd, socks: list[tuple[str, socket.socket]],
-                          services: dict | None = None, timeout: float = 15.0) -> lib.Superd:
-    """Start `d` as systemd's socket activation would: the test keeps owning `socks`; superd
-    gets copies on fds 3.. with LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID (its own pid)."""
-    return start_custom(d, services, socks=socks, timeout=timeout)
-
-
-def start_custom(d: lib.Superd, services: dict | None = None, *,
-                 socks: list[tuple[str, socket.socket]] = (), wrap: list[str] = (),
-                 timeout: float = 15.0, wait_ready: bool = True) -> lib.Superd:
-    """Superd.start(), with passed sockets (`socks`) and/or a command prefix (`wrap`, e.g.
-    prlimit). Mirrors Superd.start(): notify socket, log offset, output files."""
-    if services is not None:
-        d.write_table(services)
-    if d.notify_sock is None:
-        if d.notify_path.exists():
-            d.notify_path.unlink()
-        d.notify_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        d.notify_sock.bind(str(d.notify_path))
-        d.notify_sock.setblocking(False)
-    d.notifications.clear()
-    extra = {"NOTIFY_SOCKET": str(d.notify_path)}
-    if socks:
-        extra.update(LISTEN_FDS=str(len(socks)),
-                     LISTEN_FDNAMES=":".join(name for name, _ in socks))
-    env = lib.daemon_env(extra)
-    d.log_offset = d.syslog.size() if d.syslog else 0
-    copies = [high_dup(s) for _, s in socks]
-    try:
-        for f in (getattr(d, "_out", None), getattr(d, "_err", None)):
-            if f:
-                f.close()
-        d._out = open(d.stdout_path, "ab")
-        d._err = open(d.stderr_path, "ab")
-        argv = [*wrap, lib.PY, "-m", "superd", "run", "-c", str(d.table)]
-        if wrap:
-            argv[0] = shutil.which(argv[0]) or argv[0]
-        if socks:
-            argv = listen_fds_argv(len(copies), copies, argv)
-        d.proc = subprocess.Popen(argv, cwd=lib.REPO, env=env, stdin=subprocess.DEVNULL,
-                                  stdout=d._out, stderr=d._err, pass_fds=copies,
-                                  start_new_session=True)
-        d.started_ticks = lib.start_ticks(d.proc.pid) or 0
-    finally:
-        for fd in copies:
-            os.close(fd)
-    if wait_ready:
-        d.wait_notify("READY=1", 0, timeout)
-    return d
 
 
 # --------------------------------------------------------------------------------------------

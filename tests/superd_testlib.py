@@ -10,6 +10,8 @@ Every wait in this module is bounded by a deadline (and every loop by a count).
 from __future__ import annotations
 
 import errno
+import fcntl
+import json
 import os
 import random
 import re
@@ -325,6 +327,55 @@ def python_script(path: Path, body: str) -> Path:
 
 
 # --------------------------------------------------------------------------------------------
+# the control socket
+
+
+def control(path: str | Path, command: str = "status", timeout: float = 5.0) -> str:
+    """Send one command on a control socket and return the answer's text (JSON): what
+    superd/control.py's client does, spelled out so a test can also ask as another user.
+    PermissionError when the socket's mode keeps the caller from connecting."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(str(path))
+        s.sendall(command.encode() + b"\n")
+        return recv_until_eof(s, timeout, limit=1 << 20).decode()
+
+
+def status(d: Superd) -> dict:
+    """`superd status --json -c TABLE`, the command an admin runs: it finds the control socket
+    through the table on disk (so it follows a moved socket), unlike Superd.control()."""
+    r = subprocess.run([PY, "-m", "superd", "status", "--json", "-c", str(d.table)], cwd=REPO,
+                       env=daemon_env(), capture_output=True, text=True, timeout=20)
+    assert r.returncode == 0, f"superd status exited {r.returncode}: {r.stderr}"
+    return json.loads(r.stdout)
+
+
+# --------------------------------------------------------------------------------------------
+# processes
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of `pid`, from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # after the comm field: state is fields[0], utime is stat field 14 -> fields[11]
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def high_fd(sock: socket.socket, at_least: int = 50) -> int:
+    """A duplicate of sock's fd, numbered `at_least` or above (moving it to 3.. clobbers none)."""
+    return fcntl.fcntl(sock.fileno(), fcntl.F_DUPFD_CLOEXEC, at_least)
+
+
+def listen_fds_command(fds: list[int], argv: list[str]) -> list[str]:
+    """`argv` with `fds` moved to 3.. and LISTEN_PID set to the pid that becomes `argv`, as
+    systemd passes sockets. bash, not sh: dash takes single-digit fds only; `exec` keeps the
+    pid, so LISTEN_PID=$$ names the program it becomes."""
+    moves = " ".join(f"{3 + i}<&{fd} {fd}<&-" for i, fd in enumerate(fds))
+    return ["bash", "-c", f'exec {moves}; LISTEN_PID=$$ exec "$0" "$@"', *argv]
+
+
+# --------------------------------------------------------------------------------------------
 # rsyslogd
 
 
@@ -616,28 +667,61 @@ class Superd:
 
     def start(self, services: dict | None = None, *, text: str | None = None,
               settings: dict | None = None, defaults: dict | None = None,
-              env: dict[str, str] | None = None, wait_ready: bool = True,
-              timeout: float = 10.0) -> Superd:
+              env: dict[str, str] | None = None, passed: list[tuple[str, socket.socket]] = (),
+              prefix: list[str] = (), wait_ready: bool = True, timeout: float = 10.0) -> Superd:
+        """Write the table (if given) and run `python -m superd run -c TABLE`.
+
+        `passed`: (name, socket) pairs handed over as systemd's socket activation does (on fds
+        3.., LISTEN_FDS, LISTEN_FDNAMES, LISTEN_PID), the test keeping its own copies.
+        `prefix`: a command superd runs under, e.g. [prlimit, --nofile=64:64, --].
+        """
         if services is not None or text is not None:
             self.write_table(services, text=text, settings=settings, defaults=defaults)
+        argv = [*prefix, PY, "-m", "superd", "run", "-c", str(self.table)]
+        if prefix:
+            argv[0] = shutil.which(argv[0]) or argv[0]
+        copies = [high_fd(sock) for _, sock in passed]
+        try:
+            if passed:
+                env = {**(env or {}), "LISTEN_FDS": str(len(passed)),
+                       "LISTEN_FDNAMES": ":".join(name for name, _ in passed)}
+                argv = listen_fds_command(copies, argv)
+            self.launch(argv, pass_fds=tuple(copies), env=env)
+        finally:
+            for fd in copies:
+                os.close(fd)
+        if wait_ready:
+            self.wait_notify("READY=1", 0, timeout)
+        return self
+
+    def launch(self, argv: list[str], pass_fds: tuple[int, ...] = (),
+               env: dict[str, str] | None = None) -> Superd:
+        """Run `argv`, which is or becomes superd (keeping its pid), the way every start does:
+        a fresh NOTIFY_SOCKET, the test environment, stdout/stderr into the daemon's files.
+        Teardown (finish()) then stops it and checks for zombies and leftover handlers."""
+        if self.notify_sock is not None:
+            self.notify_sock.close()
         if self.notify_path.exists():
             self.notify_path.unlink()
         self.notify_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify_sock.bind(str(self.notify_path))
         self.notify_sock.setblocking(False)
+        self.notifications.clear()
         full_env = daemon_env(env)
         full_env["NOTIFY_SOCKET"] = str(self.notify_path)
         self.log_offset = self.syslog.size() if self.syslog else 0
+        self.close_output()
         self._out = open(self.stdout_path, "wb")
         self._err = open(self.stderr_path, "wb")
-        self.proc = subprocess.Popen(
-            [PY, "-m", "superd", "run", "-c", str(self.table)],
-            cwd=REPO, env=full_env, stdin=subprocess.DEVNULL, stdout=self._out,
-            stderr=self._err, start_new_session=True)
+        self.proc = subprocess.Popen(argv, cwd=REPO, env=full_env, stdin=subprocess.DEVNULL,
+                                     stdout=self._out, stderr=self._err, pass_fds=pass_fds,
+                                     start_new_session=True)
         self.started_ticks = start_ticks(self.proc.pid) or 0
-        if wait_ready:
-            self.wait_notify("READY=1", 0, timeout)
         return self
+
+    def control(self, command: str = "status", timeout: float = 5.0) -> dict:
+        """One command on the daemon's control socket (settings.control_socket as started)."""
+        return json.loads(control(self.ctl, command, timeout))
 
     def stderr_text(self) -> str:
         try:
@@ -848,6 +932,9 @@ class Superd:
         if self.notify_sock is not None:
             self.notify_sock.close()
             self.notify_sock = None
+        self.close_output()
+
+    def close_output(self) -> None:
         for f in (getattr(self, "_out", None), getattr(self, "_err", None)):
             if f:
                 f.close()

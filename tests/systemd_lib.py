@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -281,18 +280,6 @@ class Container:
 
 # --------------------------------------------------------------------------------------------
 # handing sockets to a child the way systemd does
-
-
-# bash (not sh: dash takes single-digit fds only) moves the sockets to 3.. and sets LISTEN_PID to
-# its own pid, which `exec` hands to the program it becomes.
-def listen_fds_command(fds: list[int], argv: list[str]) -> list[str]:
-    moves = " ".join(f"{3 + i}<&{fd} {fd}<&-" for i, fd in enumerate(fds))
-    return ["bash", "-c", f'exec {moves}; LISTEN_PID=$$ exec "$0" "$@"', *argv]
-
-
-def high_fd(sock: socket.socket, at_least: int = 50) -> int:
-    """A duplicate of sock's fd, numbered `at_least` or above (moving it to 3.. clobbers none)."""
-    return fcntl.fcntl(sock.fileno(), fcntl.F_DUPFD_CLOEXEC, at_least)
 
 
 def interpreter_binds() -> list[tuple[str, str]]:

@@ -22,7 +22,6 @@ import struct
 import subprocess
 import time
 
-import limits_lib as ll
 import pytest
 import reliability_lib as rl
 import superd_testlib as lib
@@ -49,12 +48,12 @@ def spoof_udp(src_port: int, dst_port: int, payload: bytes) -> None:
 def test_spoofed_datagram_from_our_own_port_starts_no_loop(superd):
     ports = {"echo-u": free_port(), "chargen-u": free_port()}
     d = superd({name: udp(port, name[:-2]) for name, port in ports.items()})
-    before = ll.cpu_seconds(d.pid)
+    before = lib.cpu_seconds(d.pid)
     spoof_udp(ports["chargen-u"], ports["echo-u"], b"ping")
     spoof_udp(ports["echo-u"], ports["echo-u"], b"self")  # echo with itself, too
     time.sleep(1.0)  # what is measured: nothing may happen in this second
-    spent = ll.cpu_seconds(d.pid) - before
-    status = ll.status(d)["services"]
+    spent = lib.cpu_seconds(d.pid) - before
+    status = lib.status(d)["services"]
     assert status["echo-u"]["answered"] == 0 and status["echo-u"]["dropped"] == 2, status
     assert status["chargen-u"]["answered"] == 0, status
     assert spent < 0.3, f"superd used {spent:.2f} s of CPU in the second after the datagrams"
@@ -80,8 +79,8 @@ def test_status_counts_datagrams_answered_and_dropped(superd):
     for i in range(3):
         assert udp_request("127.0.0.1", port, b"x%d" % i)[0] == b"x%d" % i
     assert udp_request("127.0.0.1", port, b"no", timeout=0.5, bind=("127.0.0.2", 0)) is None
-    lib.wait_until(lambda: ll.status(d)["services"]["echo-u"]["dropped"] == 1, 5, "a drop")
-    assert ll.status(d)["services"]["echo-u"]["answered"] == 3
+    lib.wait_until(lambda: lib.status(d)["services"]["echo-u"]["dropped"] == 1, 5, "a drop")
+    assert lib.status(d)["services"]["echo-u"]["answered"] == 3
 
 
 def test_rate_limits_the_answers_of_a_datagram_service(superd):
@@ -102,7 +101,7 @@ def test_rate_limits_the_answers_of_a_datagram_service(superd):
         elapsed = time.monotonic() - start
     # A bucket of 5, refilled at 5/s: at most 5 + 5 per second elapsed (and one in flight).
     assert 5 <= got <= 5 + int(5 * elapsed) + 1, (got, elapsed)
-    assert ll.status(d)["services"]["echo-u"]["paused"] in ("rate", None)
+    assert lib.status(d)["services"]["echo-u"]["paused"] in ("rate", None)
 
 
 @pytest.mark.parametrize("key,value", [("instances", 4), ("per_source", 2)])
@@ -163,7 +162,7 @@ def test_unix_datagram_reply_never_follows_a_swapped_path(superd):
             d.proc.send_signal(signal.SIGCONT)
         with pytest.raises(TimeoutError):
             print("victim got", victim.recv(100))
-        lib.wait_until(lambda: ll.status(d)["services"]["echo-ud"]["dropped"] == 1, 5,
+        lib.wait_until(lambda: lib.status(d)["services"]["echo-ud"]["dropped"] == 1, 5,
                        "the swapped reply dropped")
     finally:
         victim.close()
@@ -211,7 +210,7 @@ def test_refused_datagrams_write_few_fail_lines(superd):
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
                 s.bind((src, 0))
                 s.sendto(b"\0\1file\0octet\0", ("127.0.0.1", port))
-    lib.wait_until(lambda: ll.status(d)["services"]["tftp"]["refused"].get("address") == 90,
+    lib.wait_until(lambda: lib.status(d)["services"]["tftp"]["refused"].get("address") == 90,
                    10, "90 refusals counted")
     fails = [x for x in d.lines() if x.startswith("FAIL: tftp address")]
     assert 1 <= len(fails) <= 30, fails

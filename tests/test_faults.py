@@ -550,7 +550,7 @@ def test_clients_that_never_send(faulty):
         for s in idle_cat:
             assert read_all(s, 10) == b""
         f.d.wait_log(r"^FAIL: cat timeout from=127\.0\.0\.1$", count=5)
-        status = rl.control(f.d)
+        status = f.d.control()
         assert status["services"]["echo"]["active"] == 100, status["services"]["echo"]
         msg = b"still answering\n"
         assert tcp_exchange("127.0.0.1", f.port("echo"), msg) == msg
@@ -626,11 +626,11 @@ def test_ten_megabytes_into_discard(faulty):
 # the daemon's own resources
 
 
-def out_of_fds_start(d: lib.Superd, services: dict) -> lib.Superd:
+def out_of_fds_start(d: lib.Superd, services: dict, **kw: object) -> lib.Superd:
     """Under `prlimit --nofile=64`, with the session cap lifted (max_sessions), so that idle
     echo clients really take every fd superd has."""
-    d.write_table(services, settings={"max_sessions": 1000})
-    return rl.start_custom(d, wrap=["/usr/bin/prlimit", "--nofile=64:64", "--"])
+    return d.start(services, settings={"max_sessions": 1000},
+                   prefix=["/usr/bin/prlimit", "--nofile=64:64", "--"], timeout=15)
 
 
 def test_out_of_fds_pauses_and_recovers(new_daemon):
@@ -644,9 +644,9 @@ def test_out_of_fds_pauses_and_recovers(new_daemon):
         for _ in range(60):  # more than the 64 fds minus what superd holds at rest
             conns.append(connect("127.0.0.1", f.port("echo")))
         f.d.wait_log(r"^echo: accept: Too many open files; pausing", timeout=10)
-        cpu0, t0 = rl.cpu_seconds(d.pid), time.monotonic()
+        cpu0, t0 = lib.cpu_seconds(d.pid), time.monotonic()
         time.sleep(2)
-        cpu = rl.cpu_seconds(d.pid) - cpu0
+        cpu = lib.cpu_seconds(d.pid) - cpu0
         wall = time.monotonic() - t0
         assert cpu < 0.25 * wall, f"superd used {cpu:.2f}s of CPU in {wall:.2f}s while out of fds"
         f.alive()
@@ -677,9 +677,9 @@ def test_out_of_fds_control_socket_does_not_spin(new_daemon):
         ctl.connect(str(d.ctl))  # queued on the control socket's backlog
         ctl.sendall(b"status\n")
         time.sleep(0.5)
-        cpu0, t0 = rl.cpu_seconds(d.pid), time.monotonic()
+        cpu0, t0 = lib.cpu_seconds(d.pid), time.monotonic()
         time.sleep(2)
-        cpu = rl.cpu_seconds(d.pid) - cpu0
+        cpu = lib.cpu_seconds(d.pid) - cpu0
         wall = time.monotonic() - t0
         f.alive()
         assert cpu < 0.25 * wall, (f"superd used {cpu:.2f}s of CPU in {wall:.2f}s with a control "
@@ -784,7 +784,7 @@ def test_sigkill_under_socket_activation(new_daemon, request):
     services = {"cat": {"exec": ["/bin/cat"]}, "echo-u": {"internal": "echo", "protocol": "udp"}}
     socks = [("cat", tsock), ("echo-u", usock)]
     clients = KillClients(port)
-    daemons = [rl.start_with_listen_fds(new_daemon(), socks, services)]
+    daemons = [new_daemon().start(services, passed=socks, timeout=15)]
     assert tcp_exchange("127.0.0.1", port, b"first\n") == b"first\n"
     windows = []  # (from, to): no superd was running
     udp = []
@@ -808,7 +808,7 @@ def test_sigkill_under_socket_activation(new_daemon, request):
                 old.expect_rc = -signal.SIGKILL
                 datagrams(k)  # while no superd runs: they wait in the socket buffer ...
                 time.sleep(0.5)  # ... and the clients' connections in the kernel's backlog
-                new = rl.start_with_listen_fds(new_daemon(), socks, services)
+                new = new_daemon().start(services, passed=socks, timeout=15)
                 windows.append((t_down, time.monotonic()))
                 daemons.append(new)
                 new.wait_log(r"^started: 2 services")
@@ -823,7 +823,7 @@ def test_sigkill_under_socket_activation(new_daemon, request):
         with connect("127.0.0.1", port) as s:  # queued: no superd runs
             s.sendall(b"after a clean stop\n")
             s.shutdown(socket.SHUT_WR)
-            daemons.append(rl.start_with_listen_fds(new_daemon(), socks, services))
+            daemons.append(new_daemon().start(services, passed=socks, timeout=15))
             assert recv_until_eof(s, 10) == b"after a clean stop\n"
         for u, msg in udp:
             u.settimeout(10)

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 
-import limits_lib as ll
 import pytest
 import reliability_lib as rl
 import superd_testlib as lib
@@ -81,7 +80,7 @@ def test_handlers_have_no_terminal_and_default_signals(new_daemon):
         "python": {"listen": f"127.0.0.1:{ports['python']}", "python": "report_py.py:handle"},
     }
     d.write_table(services)
-    rl.start_custom(d, wrap=[sys.executable, "-c", CTTY_WRAPPER])
+    d.start(prefix=[sys.executable, "-c", CTTY_WRAPPER])
     for name, port in ports.items():
         seen = report(tcp_exchange("127.0.0.1", port, b""))
         assert seen.get("sid") == "True", (name, seen)
@@ -182,7 +181,7 @@ def test_idle_sessions_cannot_take_every_fd(new_daemon):
     ports = {name: free_port() for name in ("echo", "cat", "py", "nice")}
     d = new_daemon()
     d.write_table(_services(ports, d))
-    rl.start_custom(d, wrap=["prlimit", "--nofile=64:64"])
+    d.start(prefix=["prlimit", "--nofile=64:64"])
     held, served = _hold_echo(ports["echo"], 40)
     try:
         assert served == 32, served  # half of 64
@@ -207,7 +206,7 @@ def test_out_of_fds_superd_carries_on(new_daemon, tmp_path):
     d = new_daemon()
     d.write_table(_services(ports, d), settings={"max_sessions": 1000,
                                                  "syslog": {"address": syslog_path}})
-    rl.start_custom(d, wrap=["prlimit", "--nofile=64:64"])
+    d.start(prefix=["prlimit", "--nofile=64:64"])
     base = len(rl.proc_fds(d.pid))
     held, served = _hold_echo(ports["echo"], 63 - base)
     try:
@@ -322,7 +321,7 @@ def test_stop_ends_what_handlers_left_behind(new_daemon, tmp_path):
         assert c.recv(8) == b"started\n"
     lib.wait_until(lambda: len(_sleeps(d)) == 12, 5, "12 sleeps")
     left = _sleeps(d)
-    lib.wait_until(lambda: ll.status(d)["children"] == 9, 5, "the left ones counted")
+    lib.wait_until(lambda: lib.status(d)["children"] == 9, 5, "the left ones counted")
     assert d.stop() == 0
     survivors = [p for p in left if lib.pid_alive(p)]
     for c in clients:
@@ -344,10 +343,10 @@ def test_timeout_and_max_children_see_what_handlers_left(new_daemon, tmp_path):
     assert c.recv(8) == b"started\n"
     lib.wait_until(lambda: len(_sleeps(d)) == 4, 5, "4 sleeps")
     # The handler and the two it left to superd (the third is still its own child).
-    lib.wait_until(lambda: ll.status(d)["children"] == 3, 5, "what it left counted")
+    lib.wait_until(lambda: lib.status(d)["children"] == 3, 5, "what it left counted")
     c2 = socket.create_connection(("127.0.0.1", port), timeout=5)
     assert c2.recv(8) == b"started\n"
-    lib.wait_until(lambda: ll.status(d)["children"] == 6, 5, "what they left counted")
+    lib.wait_until(lambda: lib.status(d)["children"] == 6, 5, "what they left counted")
     c3 = socket.create_connection(("127.0.0.1", port), timeout=5)  # over max_children
     c3.settimeout(5)
     assert c3.recv(8) == b""
@@ -356,6 +355,6 @@ def test_timeout_and_max_children_see_what_handlers_left(new_daemon, tmp_path):
     # made a session of its own: nothing ties it to its handler. It is counted, and stopped.
     lib.wait_until(lambda: sorted(rl.cmdline(p) for p in _sleeps(d)) ==
                    ["sleep 301", "sleep 301"], 10, "the timeouts done")
-    assert ll.status(d)["children"] == 2
+    assert lib.status(d)["children"] == 2
     for s in (c, c2, c3):
         s.close()

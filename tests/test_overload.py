@@ -9,9 +9,10 @@ import socket
 import time
 
 import pytest
-from limits_lib import closed_at_once, cpu_seconds, still_open, svc_status
+from limits_lib import closed_at_once, still_open, svc_status
 from superd_testlib import (
     connect,
+    cpu_seconds,
     free_low_udp_port,
     free_port,
     tcp_exchange,

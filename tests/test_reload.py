@@ -8,13 +8,13 @@ import threading
 import time
 
 import pytest
-from limits_lib import status
 from superd_testlib import (
     connect,
     connection_refused,
     free_port,
     recv_exact,
     recv_until_eof,
+    status,
     tcp_exchange,
     wait_until,
 )

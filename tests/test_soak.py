@@ -305,7 +305,9 @@ def own_daemon(request, tmp_path, rsyslog):
         return
     running = []
     if d.proc.poll() is None:
-        running = [(pid, rl.start_time(pid)) for pid in rl.descendants(d.pid)]
+        # (a pid already gone, or a zombie, has no start time: nothing to wait for)
+        running = [(pid, t) for pid in rl.descendants(d.pid)
+                   if (t := rl.start_time(pid)) is not None]
     rc = d.stop()
     d.close_files()
     assert rc == 0, f"superd exited {rc}: {d.stderr_text()[-2000:]}"

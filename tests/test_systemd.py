@@ -59,25 +59,6 @@ def echoes(port: int, host: str = "127.0.0.1", msg: bytes = b"ping\n") -> bool:
     return tcp_exchange(host, port, msg, expect_len=len(msg)) == msg
 
 
-def launch(d: lib.Superd, argv: list[str], pass_fds: tuple[int, ...] = (),
-           env: dict[str, str] | None = None) -> lib.Superd:
-    """Start `argv` (which becomes superd, keeping its pid) the way Superd.start() does: a real
-    NOTIFY_SOCKET, the test environment, stdout/stderr into the daemon's files. The fixture's
-    teardown then stops it (SIGTERM, exit 0) and checks for zombies and leftover handlers."""
-    d.notify_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    d.notify_sock.bind(str(d.notify_path))
-    d.notify_sock.setblocking(False)
-    full_env = lib.daemon_env(env)
-    full_env["NOTIFY_SOCKET"] = str(d.notify_path)
-    d.log_offset = d.syslog.size() if d.syslog else 0
-    d._out = open(d.stdout_path, "wb")
-    d._err = open(d.stderr_path, "wb")
-    d.proc = subprocess.Popen(argv, cwd=REPO, env=full_env, stdin=subprocess.DEVNULL,
-                              stdout=d._out, stderr=d._err, start_new_session=True,
-                              pass_fds=pass_fds)
-    return d
-
-
 def statuses(d: lib.Superd) -> list[str]:
     """Every STATUS= text superd has sent so far, in order."""
     d.notify_index()
@@ -211,9 +192,9 @@ def test_systemd_socket_activate_hands_the_socket_to_the_named_service(new_daemo
     d = new_daemon()
     # `echo` has no `listen`: its socket comes from systemd. `other` binds its own.
     d.write_table({"echo": {"internal": "echo"}, "other": echo(p2)})
-    launch(d, ["systemd-socket-activate", "-l", f"127.0.0.1:{p1}", "--fdname=echo",
-               "-E", "NOTIFY_SOCKET", "-E", "LANG",
-               *SUPERD, "run", "-c", str(d.table)])
+    d.launch(["systemd-socket-activate", "-l", f"127.0.0.1:{p1}", "--fdname=echo",
+              "-E", "NOTIFY_SOCKET", "-E", "LANG",
+              *SUPERD, "run", "-c", str(d.table)])
     # systemd-socket-activate binds first and starts superd on the first connection.
     wait_until(lambda: p1 in lib.listening_tcp_ports() or d.proc.poll() is not None, 10,
                "systemd-socket-activate listening")
@@ -238,14 +219,11 @@ def test_passed_fds_tcp_and_udp_by_name_and_a_stray_one_is_an_error(new_daemon):
     pt, pu, ps, p_unused = free_port(), free_port(), free_port(), free_port()
     tcp, udp, stray = (_bound(socket.SOCK_STREAM, pt), _bound(socket.SOCK_DGRAM, pu),
                        _bound(socket.SOCK_STREAM, ps))
-    fds = [sl.high_fd(s) for s in (tcp, udp, stray)]
     try:
         d = new_daemon()
         # `echo` lists an address of its own: a passed socket replaces it (nothing is bound).
         d.write_table({"echo": echo(p_unused), "echo-u": {"protocol": "udp", "internal": "echo"}})
-        argv = sl.listen_fds_command(fds, [*SUPERD, "run", "-c", str(d.table)])
-        launch(d, argv, pass_fds=tuple(fds),
-               env={"LISTEN_FDS": "3", "LISTEN_FDNAMES": "echo:echo-u:nosuch"})
+        d.start(passed=[("echo", tcp), ("echo-u", udp), ("nosuch", stray)], wait_ready=False)
         d.wait_notify("READY=1")
         assert echoes(pt)
         assert udp_request("127.0.0.1", pu, b"dgram") == (b"dgram", ("127.0.0.1", pu))
@@ -264,14 +242,11 @@ def test_passed_fds_tcp_and_udp_by_name_and_a_stray_one_is_an_error(new_daemon):
         # ...and the next superd, given the same sockets, serves it.
         d2 = new_daemon()
         d2.write_table({"echo": {"internal": "echo"}})
-        launch(d2, sl.listen_fds_command(fds[:1], [*SUPERD, "run", "-c", str(d2.table)]),
-               pass_fds=tuple(fds[:1]), env={"LISTEN_FDS": "1", "LISTEN_FDNAMES": "echo"})
+        d2.start(passed=[("echo", tcp)], wait_ready=False)
         d2.wait_notify("READY=1")
         with waiting:
             assert recv_exact(waiting, 7) == b"queued\n"
     finally:
-        for fd in fds:
-            os.close(fd)
         for s in (tcp, udp, stray):
             s.close()
 

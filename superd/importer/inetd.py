@@ -132,60 +132,79 @@ def _entry(where: str, text: str, host: str, service: str, rest: list[str],
         return not_carried(where, "too few fields (inetd skips this line too)", original)
     socktype, proto, waitspec, userspec, server, *argv = rest
     proto, _, bufopts = proto.partition(",")
-    if service.startswith("tcpmux/"):
-        return not_carried(where, "TCPMUX (RFC 1078) services: superd has no tcpmux "
-                                  "multiplexer; give the service a port of its own", original)
-    if proto.startswith("rpc/"):
-        return not_carried(where, "Sun RPC service: superd does not register services with "
-                                  "the portmapper (rpcbind)", original)
-    if "/" in service and not service.startswith("/"):
-        return not_carried(where, "a '/' in the service name belongs to RPC (with an rpc/ "
-                                  "protocol) or tcpmux; this is neither", original)
-    if socktype not in SOCKET_TYPES:
-        return not_carried(where, f"socket type {socktype}: superd serves stream and dgram "
-                                  "sockets only", original)
+    problem = _kind_problem(service, socktype, proto)
+    if problem:
+        return not_carried(where, problem, original)
     e = Entry(service.rsplit("/", 1)[-1], "", where, original)
-    if proto == "unix":
-        if not service.startswith("/"):
-            return not_carried(where, "a unix socket needs an absolute path", original)
-        e.keys["listen"] = service
-        e.keys["protocol"] = "unix" if socktype == "stream" else "unix-dgram"
-        e.suffix = "unix"
-        if host != "*":
-            e.note(f"the address {host} does not apply to a unix socket (inetd ignores it too)")
-    else:
-        transport, family = proto[:3], FAMILIES.get(proto[3:])
-        if transport not in ("tcp", "udp") or family is None:
-            return not_carried(where, f"protocol {proto}: superd knows tcp, udp (with 4, 6, "
-                                      "46, 6only) and unix", original)
-        if SOCKET_TYPES[socktype] != transport:
-            return not_carried(where, f"{socktype} over {transport} does not exist "
-                                      "(inetd refuses it too)", original)
-        port = port_of(service, transport)
-        if port is None:
-            return not_carried(where, f"{service}/{transport} is not in /etc/services and is "
-                                      "not a port number", original)
-        listen = _listen(e, host, port, family, where)
-        if not listen:
-            return not_carried(where, f"no usable address in {host}", original)
-        e.keys["listen"] = listen[0] if len(listen) == 1 else listen
-        if transport == "udp":
-            e.keys["protocol"] = "udp"
-        e.suffix = "udp" if proto == "udp" else proto
+    problem = _address(e, host, service, socktype, proto, where)
+    if problem:
+        return not_carried(where, problem, original)
     if bufopts:
         e.drop(where, f",{bufopts}", "superd does not set socket buffer sizes")
     problem = _wait(e, waitspec, where)
     if problem:
         return not_carried(where, problem, original)
     _user(e, userspec, where)
+    problem = _server(e, service, socktype, server, argv)
+    if problem:
+        return not_carried(where, problem, original)
+    return _finish(e, disabled)
+
+
+def _kind_problem(service: str, socktype: str, proto: str) -> str | None:
+    """Why superd cannot serve this kind of entry at all (tcpmux, RPC, ...), or None."""
+    if service.startswith("tcpmux/"):
+        return ("TCPMUX (RFC 1078) services: superd has no tcpmux multiplexer; give the service "
+                "a port of its own")
+    if proto.startswith("rpc/"):
+        return "Sun RPC service: superd does not register services with the portmapper (rpcbind)"
+    if "/" in service and not service.startswith("/"):
+        return ("a '/' in the service name belongs to RPC (with an rpc/ protocol) or tcpmux; "
+                "this is neither")
+    if socktype not in SOCKET_TYPES:
+        return f"socket type {socktype}: superd serves stream and dgram sockets only"
+    return None
+
+
+def _address(e: Entry, host: str, service: str, socktype: str, proto: str,
+             where: str) -> str | None:
+    """Where the entry listens (listen, protocol, the name's suffix); a reason when nowhere."""
+    if proto == "unix":
+        if not service.startswith("/"):
+            return "a unix socket needs an absolute path"
+        e.keys["listen"] = service
+        e.keys["protocol"] = "unix" if socktype == "stream" else "unix-dgram"
+        e.suffix = "unix"
+        if host != "*":
+            e.note(f"the address {host} does not apply to a unix socket (inetd ignores it too)")
+        return None
+    transport, family = proto[:3], FAMILIES.get(proto[3:])
+    if transport not in ("tcp", "udp") or family is None:
+        return f"protocol {proto}: superd knows tcp, udp (with 4, 6, 46, 6only) and unix"
+    if SOCKET_TYPES[socktype] != transport:
+        return f"{socktype} over {transport} does not exist (inetd refuses it too)"
+    port = port_of(service, transport)
+    if port is None:
+        return f"{service}/{transport} is not in /etc/services and is not a port number"
+    listen = _listen(e, host, port, family, where)
+    if not listen:
+        return f"no usable address in {host}"
+    e.keys["listen"] = listen[0] if len(listen) == 1 else listen
+    if transport == "udp":
+        e.keys["protocol"] = "udp"
+    e.suffix = "udp" if proto == "udp" else proto
+    return None
+
+
+def _server(e: Entry, service: str, socktype: str, server: str, argv: list[str]) -> str | None:
+    """What runs: a built-in, or a program (through tcpd or not); a reason when nothing can."""
     if server == "internal":
         if service not in INTERNAL:
-            return not_carried(where, f"internal service {service!r}: superd's built-ins are "
-                                      f"{', '.join(INTERNAL)}", original)
+            return f"internal service {service!r}: superd's built-ins are {', '.join(INTERNAL)}"
         e.keys["internal"] = service
-        return _finish(e, disabled)
+        return None
     if not server.startswith("/"):
-        return not_carried(where, f"server {server!r} is not an absolute path", original)
+        return f"server {server!r} is not an absolute path"
     argv = argv or [os.path.basename(server)]  # inetd's own rule for an empty argv
     if os.path.basename(server) == "tcpd":
         argv, program = unwrap_tcpd(argv)
@@ -198,7 +217,7 @@ def _entry(where: str, text: str, host: str, service: str, rest: list[str],
         e.keys["wait"] = True
         e.note("dgram nowait becomes wait: true: superd hands a datagram socket to one "
                "handler at a time")
-    return _finish(e, disabled)
+    return None
 
 
 def _finish(e: Entry, disabled: bool) -> Entry:

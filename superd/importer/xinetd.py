@@ -144,6 +144,56 @@ def _service(block: Block, d: Defaults) -> Svc | Remark:
     """Phase one: everything that does not depend on defaults read later."""
     entry = Entry(block.name, "", block.where, [block.text[0]], comments=block.comments,
                   inner=block.inner)
+    sets, seen = _attributes(block, d, entry)
+
+    def one(name: str) -> str:
+        a = seen.get(name)
+        return a.values[0] if a and a.values else ""
+
+    types = {v.upper() for v in seen["type"].values} if "type" in seen else set()
+    flags = {v.upper() for v in seen["flags"].values} if "flags" in seen else set()
+    socktype = one("socket_type") or {"tcp": "stream", "udp": "dgram"}.get(one("protocol"), "")
+    transport = {"stream": "tcp", "dgram": "udp"}.get(socktype)
+    problem = _kind_problem(seen, types, flags)
+    if problem:
+        return not_carried(block.where, problem, block.text)
+    if transport is None or one("protocol") not in ("", transport):
+        return not_carried(block.where, f"socket_type {socktype or '(none)'} with protocol "
+                           f"{one('protocol') or '(none)'}: superd serves stream/tcp and "
+                           "dgram/udp", block.text)
+    listed = port_of(block.name, transport) if not block.name.isdigit() else None
+    port = int(one("port")) if one("port").isdigit() and 0 < int(one("port")) < 65536 else None
+    if "port" in seen and port is None:
+        entry.drop(seen["port"].where, seen["port"].text, "not a port number")
+    if port is None and ("UNLISTED" in types or listed is None):
+        return not_carried(block.where, f"no port: {block.name}/{transport} is not in "
+                                        "/etc/services and no usable port attribute", block.text)
+    if port is not None and listed is not None and port != listed and "UNLISTED" not in types:
+        entry.keys["disabled"] = True
+        entry.note(f"xinetd refuses this entry: {block.name} is port {listed} in /etc/services, "
+                   f"not {port}; kept, disabled")
+    svc = Svc(entry, block, port or listed or 0, "IPV4" in flags, "IPV6" in flags,
+              seen.get("bind") or seen.get("interface"), xv.yes_no(seen["v6only"].values)
+              if "v6only" in seen else None, sets)
+    entry.base = one("id") or block.name
+    entry.suffix = "udp" if transport == "udp" else ""
+    if transport == "udp":
+        entry.keys["protocol"] = "udp"
+    for broken in block.broken:
+        entry.keys["disabled"] = True
+        entry.note(f"xinetd rejects this entry ({broken}); kept, disabled")
+    problem = _run(entry, block.name, seen, types, flags, socktype)
+    if problem:
+        return not_carried(block.where, problem, block.text)
+    other(entry, seen, flags)
+    return svc
+
+
+def _attributes(block: Block, d: Defaults, entry: Entry
+                ) -> tuple[dict[str, list[str] | None], dict[str, Attr]]:
+    """The block's attributes as xinetd takes them: the sets (copied from the defaults read so
+    far, then changed), and the single-valued ones, each the first usable one given. What
+    xinetd ignores is dropped on `entry`; `env` goes straight into it."""
     sets: dict[str, list[str] | None] = {k: (list(d.sets[k]) if k in d.sets else None)
                                          for k in SETS}
     environ: dict[str, str] = {}
@@ -171,59 +221,22 @@ def _service(block: Block, d: Defaults) -> Svc | Remark:
             seen[a.name] = a
     if environ:
         entry.keys["env"] = environ
+    return sets, seen
 
-    def one(name: str) -> str:
-        a = seen.get(name)
-        return a.values[0] if a and a.values else ""
 
-    types = {v.upper() for v in seen["type"].values} if "type" in seen else set()
-    flags = {v.upper() for v in seen["flags"].values} if "flags" in seen else set()
-    original = block.text
+def _kind_problem(seen: dict[str, Attr], types: set[str], flags: set[str]) -> str | None:
+    """Why superd cannot serve this kind of service at all (RPC, TCPMUX, ...), or None."""
     if "RPC" in types:
-        return not_carried(block.where, "Sun RPC service: superd does not register services "
-                                        "with the portmapper (rpcbind)", original)
+        return "Sun RPC service: superd does not register services with the portmapper (rpcbind)"
     if types & {"TCPMUX", "TCPMUXPLUS"}:
-        return not_carried(block.where, "TCPMUX (RFC 1078): superd has no tcpmux multiplexer; "
-                                        "give the service a port of its own", original)
+        return ("TCPMUX (RFC 1078): superd has no tcpmux multiplexer; give the service a port "
+                "of its own")
     if "SENSOR" in flags:
-        return not_carried(block.where, "SENSOR: superd has no sensor that bans a client "
-                                        "from every service", original)
+        return "SENSOR: superd has no sensor that bans a client from every service"
     if "redirect" in seen:
-        return not_carried(block.where, "redirect: superd does not forward connections itself; "
-                           "a handler can, e.g. exec: [/usr/bin/socat, \"-\", "
-                           f"\"TCP:{':'.join(seen['redirect'].values)}\"]", original)
-    socktype = one("socket_type") or {"tcp": "stream", "udp": "dgram"}.get(one("protocol"), "")
-    transport = {"stream": "tcp", "dgram": "udp"}.get(socktype)
-    if transport is None or one("protocol") not in ("", transport):
-        return not_carried(block.where, f"socket_type {socktype or '(none)'} with protocol "
-                           f"{one('protocol') or '(none)'}: superd serves stream/tcp and "
-                           "dgram/udp", original)
-    listed = port_of(block.name, transport) if not block.name.isdigit() else None
-    port = int(one("port")) if one("port").isdigit() and 0 < int(one("port")) < 65536 else None
-    if "port" in seen and port is None:
-        entry.drop(seen["port"].where, seen["port"].text, "not a port number")
-    if port is None and ("UNLISTED" in types or listed is None):
-        return not_carried(block.where, f"no port: {block.name}/{transport} is not in "
-                                        "/etc/services and no usable port attribute", original)
-    if port is not None and listed is not None and port != listed and "UNLISTED" not in types:
-        entry.keys["disabled"] = True
-        entry.note(f"xinetd refuses this entry: {block.name} is port {listed} in /etc/services, "
-                   f"not {port}; kept, disabled")
-    svc = Svc(entry, block, port or listed or 0, "IPV4" in flags, "IPV6" in flags,
-              seen.get("bind") or seen.get("interface"), xv.yes_no(seen["v6only"].values)
-              if "v6only" in seen else None, sets)
-    entry.base = one("id") or block.name
-    entry.suffix = "udp" if transport == "udp" else ""
-    if transport == "udp":
-        entry.keys["protocol"] = "udp"
-    for broken in block.broken:
-        entry.keys["disabled"] = True
-        entry.note(f"xinetd rejects this entry ({broken}); kept, disabled")
-    problem = _run(entry, block.name, seen, types, flags, socktype)
-    if problem:
-        return not_carried(block.where, problem, original)
-    other(entry, seen, flags)
-    return svc
+        return ("redirect: superd does not forward connections itself; a handler can, e.g. "
+                f"exec: [/usr/bin/socat, \"-\", \"TCP:{':'.join(seen['redirect'].values)}\"]")
+    return None
 
 
 def _run(entry: Entry, name: str, seen: dict[str, Attr], types: set[str], flags: set[str],
