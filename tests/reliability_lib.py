@@ -101,12 +101,13 @@ def cmdline(pid: int) -> str:
         return "?"
 
 
-is_helper = lib.is_spawner
+is_helper = lib.is_helper
 descendants = lib.descendants
 
 
 def helpers(d: lib.Superd) -> list[int]:
-    return [p for p in d.children() if is_helper(p)]
+    """superd's spawner processes (not the python hosts)."""
+    return [p for p in d.children() if lib.is_spawner(p)]
 
 
 def handler_procs(d: lib.Superd) -> list[int]:
