@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 from collections.abc import Callable
 
-from superd.config import Service, Table
+from superd.config import Service
 from superd.listeners import Address, Key, Listener
 
 
@@ -44,39 +44,88 @@ class ListenerPool:
     def all(self) -> list[Listener]:
         return [*self.pool.values(), *(p for ps in self.passed.values() for p in ps)]
 
-    def bind(self, table: Table) -> dict[Key, Listener]:
-        """Listeners for `table`: reused from the pool where the address is the same.
+    def bind(self, services: list[Service]) -> tuple[dict[Key, Listener], dict[str, str]]:
+        """Listeners for `services`, reused from the pool where the address is the same, and
+        the services that could not be bound, with why. A service gets all its addresses or
+        none (what it had bound is let go again).
 
         New addresses are bound while the old sockets still serve. Only an address that
         overlaps an old one going away (`7` becoming `0.0.0.0:7`) cannot be: the kernel
-        refuses both at once. Those are bound last, right after closing what is in the way,
-        and if that still fails the old sockets are bound again and BindError is raised.
+        refuses both at once. Those are bound last, right after closing what is in the way;
+        if that still fails the old sockets are bound again and the service fails.
         """
         pool: dict[Key, Listener] = {}
+        failures: dict[str, str] = {}
         deferred: list[tuple[Service, Address]] = []
-        wanted = {a.key(s.protocol) for s in table.enabled if s.name not in self.passed
+        wanted = {a.key(s.protocol) for s in services if s.name not in self.passed
                   for a in s.listen}
         going = {k: lst for k, lst in self.pool.items() if k not in wanted}
-        try:
-            for svc in table.enabled:
-                if svc.name in self.passed:
-                    continue
+        for svc in services:
+            if svc.name in self.passed:
+                continue
+            mine: dict[Key, Listener] = {}
+            later: list[tuple[Service, Address]] = []
+            try:
                 for addr in svc.listen:
                     try:
-                        pool[addr.key(svc.protocol)] = self._listener(svc, addr)
+                        mine[addr.key(svc.protocol)] = self._listener(svc, addr)
                     except OSError as e:
                         if e.errno == errno.EADDRINUSE and _in_the_way(going, svc, addr):
-                            deferred.append((svc, addr))
+                            later.append((svc, addr))
                         else:
                             raise BindError(_bind_error(svc, addr, e)) from None
-            if deferred:
+            except BindError as e:
+                self._let_go(mine)
+                failures[svc.name] = str(e)
+                continue
+            pool.update(mine)
+            deferred += later
+        if deferred:
+            try:
                 self._rebind_over(going, deferred, pool)
-        except BindError:
-            for key, listener in pool.items():
-                if key not in self.pool:
+            except BindError as e:
+                for svc in {s.name: s for s, _ in deferred}.values():
+                    failures[svc.name] = str(e)
+                    self._let_go({a.key(svc.protocol): pool.pop(a.key(svc.protocol))
+                                  for a in svc.listen if a.key(svc.protocol) in pool})
+        return pool, failures
+
+    def _let_go(self, listeners: dict[Key, Listener]) -> None:
+        """Close what this bind made anew (a reused socket stays the pool's)."""
+        for key, listener in listeners.items():
+            if key not in self.pool:
+                listener.close()
+
+    def try_bind(self, svc: Service) -> list[Listener] | str:
+        """Bind one service now (a retry): its listeners, added to the pool, or why not."""
+        _, failures = self.bind_more([svc])
+        return failures[svc.name] if svc.name in failures else self.for_service(svc)
+
+    def bind_more(self, services: list[Service]) -> tuple[dict[Key, Listener], dict[str, str]]:
+        """Bind `services` beside what the pool holds, which stays as it is."""
+        mine: dict[Key, Listener] = {}
+        failures: dict[str, str] = {}
+        for svc in services:
+            made: dict[Key, Listener] = {}
+            try:
+                for addr in svc.listen:
+                    key = addr.key(svc.protocol)
+                    if key in self.pool or key in mine:
+                        raise BindError(f"services.{svc.name}.listen: {addr} is already "
+                                        f"another service's ({svc.where})")
+                    try:
+                        made[key] = Listener.bind(addr, svc.protocol, svc.backlog)
+                    except OSError as e:
+                        raise BindError(_bind_error(svc, addr, e)) from None
+                    made[key].backlog = svc.backlog
+            except BindError as e:
+                for listener in made.values():
                     listener.close()
-            raise
-        return pool
+                failures[svc.name] = str(e)
+                continue
+            mine.update(made)
+        self.pool.update(mine)
+        return mine, failures
 
     def _listener(self, svc: Service, addr: Address) -> Listener:
         listener = self.pool.get(addr.key(svc.protocol))

@@ -14,7 +14,7 @@ import sys
 from typing import Any, TextIO
 
 from superd import __version__, control, yamlsrc
-from superd.config import Settings, Table, load_table, table_path
+from superd.config import Settings, Table, load_table, read_table, table_path
 from superd.listeners import Listener
 from superd.yamlsrc import TableError
 
@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
                        ("reload", "reload the running daemon (as SIGHUP)"),
                        ("stop", "stop the running daemon (as SIGTERM)")):
         sub.add_parser(name, help=text).add_argument("-c", "--config")
+    sub.choices["check"].add_argument(
+        "--bind", action="store_true",
+        help="also try every bind, and say who holds an address that is taken")
     status = sub.add_parser("status", help="live per-service counters")
     status.add_argument("-c", "--config")
     status.add_argument("--json", action="store_true")
@@ -63,21 +66,72 @@ def cmd_check(args: argparse.Namespace) -> int:
     table = _load(path, sys.stdout)
     if table is None:
         return 1
+    if args.bind and not _check_binds(table):
+        return 1
     print(f"{path}: ok, {len(table.services)} services")
     return 0
 
 
+def _check_binds(table: Table) -> bool:
+    """Bind every address of every enabled service and let it go again; print each that
+    fails as `FILE:LINE: services.NAME.listen: cannot bind ...` and who holds it."""
+    from superd.holders import describe
+    good = True
+    for svc in table.enabled:
+        for addr in svc.listen:
+            why = _unix_in_the_way(addr.path) if addr.path else None
+            if why is None and not addr.path:
+                try:
+                    Listener.bind(addr, svc.protocol, svc.backlog).close()
+                except OSError as e:
+                    why = e.strerror or str(e)
+            if why is not None:
+                held = describe(addr, svc.protocol)
+                print(f"{svc.where}: services.{svc.name}.listen: cannot bind {addr}: "
+                      f"{why}" + (f" ({held})" if held else ""))
+                good = False
+    return good
+
+
+def _unix_in_the_way(path: str) -> str | None:
+    """Why a unix socket cannot be made at `path`, without touching what is there (a live
+    superd's socket must not be replaced by a check)."""
+    import stat
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None if os.path.isdir(os.path.dirname(path)) else "no such directory"
+    if not stat.S_ISSOCK(st.st_mode):
+        return "a file that is not a socket is in the way"
+    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM, socket.SOCK_SEQPACKET):
+        probe = socket.socket(socket.AF_UNIX, kind)
+        try:
+            probe.connect(path)
+            return "Address already in use"
+        except ConnectionRefusedError:
+            return None  # a stale socket: superd run replaces it
+        except OSError:
+            continue
+        finally:
+            probe.close()
+    return None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    from superd.binding import BindError
     from superd.forkexec import clean_signal_inheritance
     from superd.log import Log
     from superd.server import Server
     from superd.systemd import journal_sender, passed_sockets
 
     path = table_path(args.config)
-    table = _load(path, sys.stderr)
-    if table is None:
+    try:  # only a table that cannot be read at all keeps superd from starting
+        table = read_table(path)
+    except TableError as e:
+        for problem in e.problems:
+            print(problem, file=sys.stderr)
         return 1
+    for problem in table.problems:  # the services they concern wait; the others run
+        print(problem, file=sys.stderr)
     _ensure_std_fds()
     clean_signal_inheritance()
     if args.daemon:
@@ -91,12 +145,7 @@ def cmd_run(args: argparse.Namespace) -> int:
               for name, socks in passed_sockets().items()}
     try:
         server = Server(table, log, passed)
-        try:
-            server.start()
-        except BindError as e:
-            print(f"superd: {e}", file=sys.stderr)
-            log.error(str(e))
-            return 1
+        server.start()
         server.run()
     except Exception as e:  # outside any loop callback: nothing to carry on with
         return _fatal(log, e)
@@ -181,24 +230,42 @@ def cmd_status(args: argparse.Namespace) -> int:
     answer = _ask(args, "status")
     if answer is None:
         return 1
-    unknown = [name for name in args.services if name not in answer["services"]]
+    failed = answer.get("failed", {})
+    unknown = [name for name in args.services
+               if name not in answer["services"] and name not in failed]
     if unknown:
         print(f"superd: no such service: {', '.join(unknown)}", file=sys.stderr)
         return 1
     if args.services:
-        answer["services"] = {name: answer["services"][name] for name in args.services}
+        answer["services"] = {name: answer["services"][name] for name in args.services
+                              if name in answer["services"]}
+        answer["failed"] = failed = {n: failed[n] for n in args.services if n in failed}
     if args.json:
         print(json.dumps(answer, indent=2, sort_keys=True))
         return 0
-    print(f"superd pid {answer['pid']}, {answer['children']} handlers running, "
-          f"table {answer['table']}")
+    _print_status(answer, failed)
+    return 0
+
+
+def _print_status(answer: dict[str, Any], failed: dict[str, Any]) -> None:
+    up = answer.get("uptime", 0)
+    print(f"superd pid {answer['pid']}, up {up // 86400}d {up % 86400 // 3600:02d}:"
+          f"{up % 3600 // 60:02d}, {answer['children']} handlers running, "
+          f"{answer.get('table_state', {}).get('summary', 'table')} {answer['table']}")
     print(f"{'SERVICE':<20} {'ACCEPTED':>9} {'ACTIVE':>7} {'REFUSED':>8} {'LAST EXIT':>9}  PAUSED")
     for name, s in sorted(answer["services"].items()):
         refused = sum(s["refused"].values())
         last = "-" if s["last_exit"] is None else s["last_exit"]
-        print(f"{name:<20} {s['accepted']:>9} {s['active']:>7} {refused:>8} {last:>9}  "
-              f"{s['paused'] or '-'}")
-    return 0
+        paused = s["paused"] or "-"
+        if s.get("backoff"):
+            paused += f" {s['backoff']['seconds']:g}s, {s['backoff']['left']:g}s left"
+        print(f"{name:<20} {s['accepted']:>9} {s['active']:>7} {refused:>8} {last:>9}  {paused}")
+        if s.get("kept"):
+            print(f"{'':<20} runs its previous definition: {s['kept']}")
+    for name, f in sorted(failed.items()):
+        retry = (f"trying again in {f['next_try_in']:g}s" if f["next_try_in"] is not None
+                 else "until the table is fixed and reloaded")
+        print(f"{name:<20} NOT STARTED ({f['where']}): {f['reason']}; {retry}")
 
 
 def cmd_reload(args: argparse.Namespace) -> int:

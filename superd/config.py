@@ -93,10 +93,34 @@ class Service:
 
 
 @dataclass(frozen=True)
+class Failed:
+    """A service entry that does not load, and how to try it again as it was written."""
+
+    name: str
+    where: str  # FILE:LINE of its name
+    problems: tuple[Problem, ...]
+    disabled: bool  # a `disabled: true` entry: reported, never tried
+    retry: Callable[[], Service | list[Problem]] = field(compare=False, repr=False)
+
+    @property
+    def transient(self) -> bool:
+        """Only things missing from the machine: worth trying again without a reload."""
+        return all(p.transient for p in self.problems)
+
+    @property
+    def reason(self) -> str:
+        return "; ".join(f"{p.where}: {p.message}" if p.where else p.message
+                         for p in self.problems)
+
+
+@dataclass(frozen=True)
 class Table:
     path: str
     settings: Settings
     services: tuple[Service, ...]
+    failed: tuple[Failed, ...] = ()  # entries that did not load (superd serves the others)
+    problems: tuple[Problem, ...] = ()  # every problem found, once, in file and line order
+    broken_files: tuple[str, ...] = ()  # included files that could not be read at all
 
     @property
     def enabled(self) -> tuple[Service, ...]:
@@ -113,7 +137,19 @@ def table_path(option: str | None) -> str:
 
 
 def load_table(path: str) -> Table:
-    """Load and validate the whole table; raise TableError listing every problem."""
+    """Load and validate the whole table; raise TableError listing every problem (what
+    `superd check` and the importer want: a table is good only when all of it is)."""
+    table = read_table(path)
+    if table.problems:
+        raise TableError(list(table.problems))
+    return table
+
+
+def read_table(path: str, previous: Settings | None = None) -> Table:
+    """Load the table as far as it loads: each service that has problems is left out (in
+    `failed`, with them), each bad setting keeps its `previous` value (or its default), and
+    every problem is in `problems`. Only a main file that cannot be read, is not YAML or is
+    not a mapping raises TableError: then nothing can be served from it."""
     path = os.path.abspath(path)
     main = load(path)
     problems: list[Problem] = []
@@ -124,36 +160,64 @@ def load_table(path: str) -> Table:
         if key not in ("settings", "defaults", "include", "services"):
             problems.append(main.problem((key,), "unknown key (expected settings, defaults, "
                                                   "include, services)"))
-    settings = _settings(main, problems)
+    settings = _settings(main, problems, previous)
     defaults = _mapping(main, ("defaults",), problems)
-    for key in defaults:
+    for key in list(defaults):
         if key in NOT_DEFAULTABLE or key not in fields.SERVICE_KEYS:
             problems.append(main.problem(("defaults", key), "not a key defaults may set"))
+            del defaults[key]
     entries: list[tuple[Document, str]] = []
     files = [path]
-    _collect(main, [path], entries, files, problems)
+    broken: list[str] = []
+    _collect(main, [path], entries, files, problems, broken)
     services: list[tuple[Service, Document]] = []
+    failed: list[Failed] = []
     seen: dict[str, Service] = {}
     for doc, name in entries:
-        svc = _service(doc, name, defaults, main, problems)
-        if svc is None:
-            continue
-        if name in seen:
+        if name in seen or any(f.name == name for f in failed):
+            first = seen[name].where if name in seen else "above"
             problems.append(doc.problem(("services", name),
-                                        f"service defined twice (first at {seen[name].where})"))
+                                        f"service defined twice (first at {first})"))
+            continue
+        svc, mine = _service(doc, name, defaults, main)
+        problems += mine
+        if svc is None:
+            failed.append(_failed(doc, name, defaults, main, mine))
             continue
         seen[name] = svc
         services.append((svc, doc))
-    _check_addresses(services, problems)
-    if problems:
-        order = {f: i for i, f in enumerate(files)}
-        problems.sort(key=lambda p: (order.get(p.file, -1), p.line or 0))
-        raise TableError(problems)
-    return Table(path, settings, tuple(svc for svc, _ in services))
+    for svc, clash in _check_addresses(services):
+        problems.append(clash)
+        services = [(s, d) for s, d in services if s is not svc]
+        failed.append(Failed(svc.name, svc.where, (clash,), svc.disabled, _as_is(svc)))
+    order = {f: i for i, f in enumerate(files)}
+    unique = sorted(dict.fromkeys(problems), key=lambda p: (order.get(p.file, -1), p.line or 0))
+    return Table(path, settings, tuple(svc for svc, _ in services), tuple(failed),
+                 tuple(unique), tuple(broken))
+
+
+def _as_is(svc: Service) -> Callable[[], Service | list[Problem]]:
+    """A retry for a service refused for its address only: the record stays good."""
+    return lambda: svc
+
+
+def _failed(doc: Document, name: str, defaults: dict[str, Any], main: Document,
+            problems: list[Problem]) -> Failed:
+    """A service that did not load, with a way to try it again (its program or user may
+    appear later) from what was read, not from the file as it may be by then."""
+    raw = doc.value["services"][name]
+    disabled = isinstance(raw, dict) and raw.get("disabled") is True
+
+    def retry() -> Service | list[Problem]:
+        svc, again = _service(doc, name, defaults, main)
+        return svc if svc is not None else again
+
+    return Failed(name, f"{doc.file}:{doc.line(('services', name))}", tuple(problems),
+                  disabled, retry)
 
 
 def _collect(doc: Document, stack: list[str], entries: list[tuple[Document, str]],
-             files: list[str], problems: list[Problem]) -> None:
+             files: list[str], problems: list[Problem], broken: list[str]) -> None:
     """Gather (document, service name) pairs from `doc` and, depth first, its includes."""
     for name in _mapping(doc, ("services",), problems):
         entries.append((doc, name))
@@ -182,18 +246,20 @@ def _collect(doc: Document, stack: list[str], entries: list[tuple[Document, str]
                 sub = load(real)
             except TableError as e:
                 problems.extend(e.problems)
+                broken.append(real)
                 continue
             if sub.value is None:
                 continue
             if not isinstance(sub.value, dict):
                 problems.append(sub.problem((), "an included file must be a mapping"))
+                broken.append(real)
                 continue
             for key in sub.value:
                 if key not in ("services", "include"):
                     problems.append(sub.problem((key,), "an included file may only hold "
                                                 "services and include"))
             files.append(real)
-            _collect(sub, stack + [real], entries, files, problems)
+            _collect(sub, stack + [real], entries, files, problems, broken)
 
 
 def _mapping(doc: Document, path: Path, problems: list[Problem]) -> dict[str, Any]:
@@ -218,7 +284,8 @@ SETTINGS_KEYS: dict[str, Callable[[Any], Any]] = {
 }
 
 
-def _settings(doc: Document, problems: list[Problem]) -> Settings:
+def _settings(doc: Document, problems: list[Problem], previous: Settings | None) -> Settings:
+    """The settings; a bad one keeps its previous value (or its default)."""
     raw = _mapping(doc, ("settings",), problems)
     out: dict[str, Any] = {}
     for key, value in raw.items():
@@ -233,6 +300,8 @@ def _settings(doc: Document, problems: list[Problem]) -> Settings:
                                             f"{', '.join(SETTINGS_KEYS)})"))
         except ValueError as e:
             problems.append(doc.problem(path, str(e)))
+            if previous is not None and key in SETTINGS_KEYS:
+                out[key] = getattr(previous, key)
     return Settings(**out)
 
 
@@ -253,17 +322,18 @@ def _syslog(doc: Document, value: Any, problems: list[Problem]) -> dict[str, str
     return out
 
 
-def _service(doc: Document, name: str, defaults: dict[str, Any], main: Document,
-             problems: list[Problem]) -> Service | None:
-    """Validate one service entry; None (with problems added) when it is unusable."""
+def _service(doc: Document, name: str, defaults: dict[str, Any],
+             main: Document) -> tuple[Service | None, list[Problem]]:
+    """Validate one service entry: the record, or None and its problems."""
+    problems: list[Problem] = []
     base: Path = ("services", name)
     raw = doc.value["services"][name]
     if not fields.NAME.fullmatch(name):
         problems.append(doc.problem(base, "a service name is letters, digits, '.', '_' and '-'"))
-        return None
+        return None, problems
     if not isinstance(raw, dict):
         problems.append(doc.problem(base, "expected a mapping of service keys"))
-        return None
+        return None, problems
     merged = {k: (main, ("defaults", k), v)
               for k, v in defaults.items() if k not in NOT_DEFAULTABLE}
     merged.update({k: (doc, base + (k,), v) for k, v in raw.items()})
@@ -272,7 +342,6 @@ def _service(doc: Document, name: str, defaults: dict[str, Any], main: Document,
                          protocol=protocol if isinstance(protocol, str) and protocol in PROTOCOLS
                          else "tcp")
     values: dict[str, Any] = {}
-    before = len(problems)
     for key, (src, path, value) in merged.items():
         parser = fields.SERVICE_KEYS.get(key)
         if parser is None:
@@ -281,37 +350,46 @@ def _service(doc: Document, name: str, defaults: dict[str, Any], main: Document,
         try:
             values.update(parser(value, ctx))
         except ValueError as e:
-            problems.append(src.problem(path, str(e)))
-    if len(problems) > before:
-        return None
+            problems.append(src.problem(path, str(e), isinstance(e, fields.Missing)))
+    if problems:
+        return None, problems
     try:
         values = fields.whole_service(values, ctx)
-    except fields.FieldError as e:
+    except (fields.FieldError, fields.MissingField) as e:
         blame = next((k for k in e.keys if k in raw), None)
-        problems.append(doc.problem(base + ((blame,) if blame else ()), str(e)))
-        return None
-    return Service(name=name, file=doc.file, line=doc.line(base), **values)
+        problems.append(doc.problem(base + ((blame,) if blame else ()), str(e),
+                                    isinstance(e, fields.Missing)))
+        return None, problems
+    return Service(name=name, file=doc.file, line=doc.line(base), **values), problems
 
 
-def _check_addresses(services: list[tuple[Service, Document]], problems: list[Problem]) -> None:
-    """Two enabled services may not share an address of the same socket type.
+def _check_addresses(services: list[tuple[Service, Document]]) -> list[tuple[Service, Problem]]:
+    """Two enabled services may not share an address of the same socket type, nor a unix
+    path of any type (a path names one socket). The later of two is the one refused.
 
     Addresses can only clash on the same port (or unix path), so they are grouped by it: the
     check stays linear for tables of thousands of services.
     """
-    taken: dict[tuple, list[tuple[Service, Address]]] = {}
+    taken: dict[tuple[object, ...], list[tuple[Service, Address]]] = {}
+    clashes: list[tuple[Service, Problem]] = []
     for svc, doc in services:
         if svc.disabled:
             continue
         kind = socket.SOCK_STREAM if svc.stream else socket.SOCK_DGRAM
+        mine: list[tuple[tuple[object, ...], Address]] = []
         for i, addr in enumerate(svc.listen):
-            group = taken.setdefault((kind, addr.path or addr.port), [])
-            for other, other_addr in group:
-                if addr.overlaps(other_addr):
-                    what = "the same address" if addr == other_addr else "an overlapping address"
-                    problems.append(doc.problem(
-                        ("services", svc.name, "listen", i),
-                        f"{addr} is {what} as services.{other.name} ({other_addr}, "
-                        f"{other.where})"))
-                    break
-            group.append((svc, addr))
+            group_key: tuple[object, ...] = ("path", addr.path) if addr.path else (kind, addr.port)
+            other = next(((o, a) for o, a in taken.get(group_key, ()) if addr.overlaps(a)),
+                         None)
+            if other is not None:
+                what = "the same address" if addr == other[1] else "an overlapping address"
+                clashes.append((svc, doc.problem(
+                    ("services", svc.name, "listen", i),
+                    f"{addr} is {what} as services.{other[0].name} ({other[1]}, "
+                    f"{other[0].where})")))
+                break
+            mine.append((group_key, addr))
+        else:
+            for group_key, addr in mine:
+                taken.setdefault(group_key, []).append((svc, addr))
+    return clashes

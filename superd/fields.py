@@ -54,6 +54,20 @@ class Context:
     protocol: str = "tcp"
 
 
+class Missing(ValueError):
+    """What the table names is not on the machine (yet): a user, a group, a program, a
+    directory, a handler's module. Unlike a mistake in the table, it can go away by itself
+    (a package installed, a user created), so superd tries such a service again."""
+
+
+class MissingField(Missing):
+    """A Missing about the service as a whole, blamed on one of its keys."""
+
+    def __init__(self, keys: str | tuple[str, ...], message: str):
+        super().__init__(message)
+        self.keys = (keys,) if isinstance(keys, str) else keys
+
+
 class FieldError(ValueError):
     """A problem with the service as a whole, blamed on one of its keys."""
 
@@ -168,10 +182,10 @@ def python_handler(value: Any, ctx: Context) -> dict[str, Any]:
     except ValueError:
         raise
     except Exception as e:  # any error of the handler's module is the table's problem
-        raise ValueError(f"cannot import {target}: {type(e).__name__}: {e}") from None
+        raise Missing(f"cannot import {target}: {type(e).__name__}: {e}") from None
     function = getattr(module, func, None)
     if not callable(function):
-        raise ValueError(f"{target} has no function {func!r}")
+        raise Missing(f"{target} has no function {func!r}")
     # A FILE.py handler is read anew at each load: a changed source is a changed service
     # (its host process is replaced on reload).
     source = getattr(module, "__superd_source__", "")
@@ -185,7 +199,7 @@ def _load_source(path: str, name: str) -> types.ModuleType:
     the same second could go unseen; and it would write __pycache__ into /etc/superd.)
     """
     if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such file")
+        raise Missing(f"{path}: no such file")
     with open(path, "rb") as f:
         source = f.read()
     code = compile(source, path, "exec", dont_inherit=True)
@@ -202,7 +216,7 @@ def user(value: Any, ctx: Context) -> dict[str, Any]:
     try:
         entry = pwd.getpwuid(value) if isinstance(value, int) else pwd.getpwnam(str(value))
     except (KeyError, OverflowError):
-        raise ValueError(f"no such user {value!r}") from None
+        raise Missing(f"no such user {value!r}") from None
     return {"user": entry.pw_name, "uid": entry.pw_uid, "gid": entry.pw_gid,
             "groups": tuple(os.getgrouplist(entry.pw_name, entry.pw_gid))}
 
@@ -212,7 +226,7 @@ def group(value: Any, ctx: Context) -> dict[str, Any]:
     try:
         entry = grp.getgrgid(value) if isinstance(value, int) else grp.getgrnam(str(value))
     except (KeyError, OverflowError):
-        raise ValueError(f"no such group {value!r}") from None
+        raise Missing(f"no such group {value!r}") from None
     return {"group_gid": entry.gr_gid}
 
 
@@ -226,7 +240,7 @@ def umask(value: Any, ctx: Context) -> dict[str, Any]:
 def cwd(value: Any, ctx: Context) -> dict[str, Any]:
     path = abs_path(value)
     if not os.path.isdir(path):
-        raise ValueError(f"{path}: no such directory")
+        raise Missing(f"{path}: no such directory")
     return {"cwd": path}
 
 
@@ -379,8 +393,8 @@ def whole_service(values: dict[str, Any], ctx: Context) -> dict[str, Any]:
         if not program.startswith("/"):
             raise FieldError("exec", f"{program!r} is not an absolute path (or give program)")
         if not os.path.isfile(program) or not os.access(program, os.X_OK):
-            raise FieldError("program" if out.get("program") else "exec",
-                             f"{program}: no such executable file")
+            raise MissingField("program" if out.get("program") else "exec",
+                               f"{program}: no such executable file")
         out["program"] = program
     elif out.get("program"):
         raise FieldError("program", "program goes with exec")

@@ -16,13 +16,15 @@ import time
 import traceback
 from typing import Any
 
-from superd.binding import BindError, ListenerPool
-from superd.config import Table, load_table
+from superd.binding import ListenerPool
+from superd.config import Service, Table, read_table
 from superd.control import ControlSocket
 from superd.listeners import Key, Listener
 from superd.log import Log
 from superd.loop import READ, Loop, Timer
+from superd.plan import NotRunning, Plan, make_plan
 from superd.processes import ProcessTable
+from superd.retry import Attempt, Retries
 from superd.service import ServiceRuntime, Shared
 from superd.sessions import SessionTable
 from superd.spawn import HANDLED_SIGNALS, open_devnull
@@ -55,6 +57,12 @@ class Server:
         self.shared = Shared(self.loop, log, self.processes,
                              Starter(self.loop, self.processes, lambda: self.spawners),
                              self.sessions, self.counts_changed, self.new_pool)
+        self.retries = Retries(self.loop.call_later, log.error, self.counts_changed)
+        # When the table was last read and how it went: refused whole, or N problems.
+        self.table_state: dict[str, Any] = {"read": int(time.time()), "refused": False,
+                                            "problems": len(table.problems)}
+        self.kept: dict[str, str] = {}  # services running an older definition: why
+        self.started_at = time.monotonic()
         self.stopping = False
         self.control: ControlSocket | None = None
         self.status_timer: Timer | None = None
@@ -62,16 +70,18 @@ class Server:
     # -- main loop ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Bind every listener, or raise BindError having bound nothing."""
-        enabled = {s.name for s in self.table.enabled}
+        """Serve every service of the table that loads and binds; the others wait for a
+        retry (superd/retry.py) and say why."""
+        named = {s.name for s in self.table.enabled} | {f.name for f in self.table.failed}
         passed = self.listeners.passed
-        for name in [n for n in passed if n not in enabled]:
+        for name in [n for n in passed if n not in named]:
             self.log.error(f"socket passed by systemd named {name!r} matches no service; "
                            "closing it")
             for listener in passed.pop(name):
                 listener.close()
         open_devnull()
-        self.install(self.table, self.listeners.bind(self.table))
+        self.log_problems(self.table)
+        self.apply(self.table)
         try:
             self.spawners = self.new_pool(SPAWNERS, SPAWNER)
         except OSError as e:
@@ -176,8 +186,59 @@ class Server:
 
     # -- the table ---------------------------------------------------------------------------
 
-    def install(self, table: Table, pool: dict[Key, Listener]) -> None:
-        """Switch to `table` and `pool`: close what is gone, hand listeners to services."""
+    def running(self) -> dict[str, Service]:
+        return {name: runtime.config for name, runtime in self.services.items()}
+
+    def apply(self, table: Table) -> Plan:
+        """Take `table`: each service's new definition that loads and binds, the running one
+        of each that does not; the rest wait for a retry."""
+        pool, bind_failures = self.listeners.bind(list(table.enabled))
+        plan = make_plan(table, self.running(), bind_failures)
+        for name in list(plan.kept):  # a kept service keeps its sockets
+            for key in (a.key(plan.run[name].protocol) for a in plan.run[name].listen):
+                if key in pool or key not in self.listeners.pool:
+                    del plan.run[name]
+                    reason = f"{plan.kept.pop(name)}; its old address is another's now"
+                    plan.failed[name] = NotRunning(f"{table.path}", reason)
+                    break
+            else:
+                for a in plan.run[name].listen:
+                    pool[a.key(plan.run[name].protocol)] = self.listeners.pool[
+                        a.key(plan.run[name].protocol)]
+        self.install(table, plan.run, pool)
+        self.retries.clear()
+        for name, why in plan.failed.items():
+            retry = why.service is not None or why.load is not None
+            self.retries.add(name, why.where, why.reason, self.attempt(why) if retry else None)
+        self.kept = dict(plan.kept)
+        for name, reason in plan.kept.items():
+            self.log.error(f"{name}: its new definition is not taken, it runs as it did: "
+                           f"{reason}")
+        return plan
+
+    def attempt(self, why: NotRunning) -> Attempt:
+        """Try a service that does not run again: load its entry (as it was read), bind it,
+        start serving it."""
+        def attempt() -> str | None:
+            svc = why.service
+            if svc is None and why.load is not None:
+                got = why.load()
+                if isinstance(got, list):
+                    return "; ".join(str(p) for p in got)
+                svc = got
+            if svc is None or self.stopping:
+                return why.reason
+            listeners = self.listeners.try_bind(svc)
+            if isinstance(listeners, str):
+                return listeners
+            self.services[svc.name] = ServiceRuntime(svc, self.shared)
+            self._own_ports()
+            self.services[svc.name].take(listeners)
+            return None
+        return attempt
+
+    def install(self, table: Table, run: dict[str, Service], pool: dict[Key, Listener]) -> None:
+        """Switch to `run` and `pool`: close what is gone, hand listeners to services."""
         for listener in self.listeners.all():
             self.unwatch(listener)  # each service watches its own again below
         self.listeners.install(pool)
@@ -187,51 +248,64 @@ class Server:
         self.sessions.configure(s.max_sessions, s.idle_timeout, s.max_buffered)
         self.log.configure(table.settings)
         services: dict[str, ServiceRuntime] = {}
-        for svc in table.enabled:
-            runtime = self.services.get(svc.name)
+        for name, svc in run.items():
+            runtime = self.services.get(name)
             if runtime is None:
                 runtime = ServiceRuntime(svc, self.shared)
             else:
                 runtime.configure(svc)
-            services[svc.name] = runtime
+            services[name] = runtime
         for name, runtime in self.services.items():
             if name not in services:
                 runtime.retire()  # its running handlers finish on their own
         self.services = services
-        self.shared.udp_ports = frozenset(
-            lst.sock.getsockname()[1] for lst in self.listeners.all()
-            if not lst.stream and lst.family in (socket.AF_INET, socket.AF_INET6))
+        self._own_ports()
         for runtime in services.values():
             runtime.take(self.listeners.for_service(runtime.config))
 
-    def reload(self) -> list[str]:
-        """SIGHUP: validate the new table whole, then switch; a bad one changes nothing.
+    def _own_ports(self) -> None:
+        self.shared.udp_ports = frozenset(
+            lst.sock.getsockname()[1] for lst in self.listeners.all()
+            if not lst.stream and lst.family in (socket.AF_INET, socket.AF_INET6))
 
-        Returns the problems that kept the new table out (empty when it was taken).
+    def log_problems(self, table: Table) -> None:
+        for problem in table.problems:
+            self.log.error(f"table problem: {problem}")
+
+    def reload(self) -> list[str]:
+        """SIGHUP: read the table again and take of it what loads and binds (`apply`).
+
+        Returns the problems found (empty when all of it was taken). Only a table that cannot
+        be read at all changes nothing.
         """
         if self.stopping:
             return ["superd is stopping"]
         self.notifier.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
         try:
-            table = load_table(self.table.path)
-            pool = self.listeners.bind(table)
-        except (TableError, BindError) as e:
-            problems = [str(p) for p in e.problems] if isinstance(e, TableError) else [str(e)]
+            table = read_table(self.table.path, self.table.settings)
+        except TableError as e:
+            problems = [str(p) for p in e.problems]
             for problem in problems:
                 self.log.error(f"reload refused, keeping the running table: {problem}")
-            for runtime in self.services.values():  # a failed rebind may have replaced some
-                runtime.take(self.listeners.for_service(runtime.config))
+            self.table_state = {"read": int(time.time()), "refused": True,
+                                "problems": len(problems)}
             self.notifier.notify("READY=1")
+            self.send_status()
             return problems
-        old = {s.name: s for s in self.table.enabled}
-        new = {s.name: s for s in table.enabled}
-        self.install(table, pool)
+        self.log_problems(table)
+        before = self.running()
+        plan = self.apply(table)
         if self.control is None or self.control.path != table.settings.control_socket:
             self.open_control(table.settings.control_socket)
-        self.log.info("reloaded: " + reload_summary(old, new))
+        self.log.info("reloaded: " + plan.summary(before))
+        problems = [str(p) for p in table.problems] + [
+            f"services.{name}: {why.reason}" for name, why in plan.failed.items()
+            if why.service is not None]
+        self.table_state = {"read": int(time.time()), "refused": False,
+                            "problems": len(problems)}
         self.notifier.notify("READY=1")
         self.send_status()
-        return []
+        return problems
 
     # -- the control socket ------------------------------------------------------------------
 
@@ -254,8 +328,11 @@ class Server:
 
     def control_reload(self) -> dict[str, Any]:
         problems = self.reload()
-        if problems:
+        if self.table_state["refused"]:
             return {"error": "reload refused, the running table stays:\n" + "\n".join(problems)}
+        if problems:
+            return {"error": "reloaded, but what these concern was refused (the services they "
+                             "name run as they did, or not at all):\n" + "\n".join(problems)}
         return {"ok": True}
 
     def control_stop(self) -> dict[str, Any]:
@@ -264,8 +341,15 @@ class Server:
 
     def status(self) -> dict[str, Any]:
         """Live counters for `superd status` (SPEC §1)."""
-        return {"services": {name: rt.status() for name, rt in self.services.items()},
+        services = {name: rt.status() for name, rt in self.services.items()}
+        for name, reason in self.kept.items():
+            if name in services:
+                services[name]["kept"] = reason
+        return {"services": services, "failed": self.retries.status(),
+                "problems": [str(p) for p in self.table.problems],
+                "table_state": {**self.table_state, "summary": self.table_summary()},
                 "children": len(self.processes), "escaped": len(self.processes.escaped),
+                "uptime": int(time.monotonic() - self.started_at),
                 "pid": os.getpid(), "table": self.table.path}
 
     # -- stop --------------------------------------------------------------------------------
@@ -275,6 +359,7 @@ class Server:
         if self.stopping:
             return
         self.stopping = True
+        self.retries.clear()
         self.notifier.notify("STOPPING=1")
         if self.control is not None:
             self.control.close()
@@ -294,14 +379,30 @@ class Server:
         if self.status_timer is None and self.notifier.enabled:
             self.status_timer = self.loop.call_later(1.0, self.send_status)
 
+    def table_summary(self) -> str:
+        """`table of 14:02 refused: 3 problems, running the previous one`, or `table of 14:02`."""
+        state = self.table_state
+        when = time.strftime("%H:%M", time.localtime(state["read"]))
+        if state["refused"]:
+            return f"table of {when} refused: {state['problems']} problems, running the " \
+                   "previous one"
+        if state["problems"]:
+            return f"table of {when}: {state['problems']} problems"
+        return f"table of {when}"
+
     def send_status(self) -> None:
         self.status_timer = None
         served = sum(rt.accepted for rt in self.services.values())
         refused = sum(sum(rt.refused.values()) for rt in self.services.values())
         paused = sum(1 for rt in self.services.values() if rt.paused)
-        self.notifier.notify(f"STATUS={len(self.services)} services, "
-                             f"{len(self.processes.by_pid)} handlers running, {served} served, "
-                             f"{refused} refused" + (f", {paused} paused" if paused else ""))
+        failed = sorted(self.retries.waiting)
+        self.notifier.notify(
+            f"STATUS={len(self.services)} services"
+            + (f", {len(failed)} not started ({', '.join(failed[:5])}"
+               + (", ..." if len(failed) > 5 else "") + ")" if failed else "")
+            + f", {len(self.processes.by_pid)} handlers running, {served} served, "
+            f"{refused} refused" + (f", {paused} paused" if paused else "")
+            + (f"; {self.table_summary()}" if self.table_state["problems"] else ""))
 
     def watchdog(self) -> None:
         if self.notifier.watchdog and not self.stopping:
@@ -318,13 +419,3 @@ def status_lines(status: dict[str, Any]) -> list[str]:
         lines.append(f"status: {name} accepted={s['accepted']} active={s['active']} "
                      f"refused={refused} last_exit={s['last_exit']} paused={s['paused'] or '-'}")
     return lines
-
-
-def reload_summary(old: dict[str, Any], new: dict[str, Any]) -> str:
-    """`N services; added a; removed b; changed c`, for the `reloaded:` log line."""
-    added = sorted(new.keys() - old.keys())
-    removed = sorted(old.keys() - new.keys())
-    changed = sorted(n for n in new.keys() & old.keys() if new[n] != old[n])
-    return "; ".join([f"{len(new)} services"] + [f"{what} {', '.join(names)}" for what, names in
-                                                 (("added", added), ("removed", removed),
-                                                  ("changed", changed)) if names])

@@ -33,6 +33,7 @@ class Problem:
     line: int | None
     where: str
     message: str
+    transient: bool = False  # about the machine, not the table: may go away by itself
 
     def __str__(self) -> str:
         loc = self.file if self.line is None else f"{self.file}:{self.line}"
@@ -65,8 +66,8 @@ class Document:
             path = path[:-1]
         return self.lines.get((), 1)
 
-    def problem(self, path: Path, message: str) -> Problem:
-        return Problem(self.file, self.line(path), dotted(path), message)
+    def problem(self, path: Path, message: str, transient: bool = False) -> Problem:
+        return Problem(self.file, self.line(path), dotted(path), message, transient)
 
 
 def dotted(path: Path) -> str:
@@ -202,5 +203,9 @@ class _Converter:
                                 "given twice"))
                     continue
                 out[key] = self.convert(value_node, path + (key,), depth + 1)
+                if not isinstance(value_node, ScalarNode):
+                    # A block mapping or list starts on the line after its key: a problem
+                    # with the whole of it (a service, a listen list) is told at the key.
+                    self.doc.lines[path + (key,)] = key_node.start_mark.line + 1
             return out
         raise _Refused(line, f"unsupported YAML node {type(node).__name__}")

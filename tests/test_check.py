@@ -6,7 +6,16 @@ import re
 import subprocess
 
 import pytest
-from superd_testlib import PY, REPO, daemon_env, free_port, port_is_free
+import superd_testlib as lib
+from superd_testlib import (
+    PY,
+    REPO,
+    connection_refused,
+    daemon_env,
+    free_port,
+    port_is_free,
+    tcp_exchange,
+)
 
 
 def superd_cli(*args: str, timeout: float = 20) -> subprocess.CompletedProcess:
@@ -202,23 +211,48 @@ def test_bad_usage_exits_2():
     assert superd_cli("no-such-command").returncode == 2
 
 
-def test_run_with_bad_table_exits_1_without_binding(new_daemon, tmp_path):
+def test_run_serves_what_loads_and_names_what_does_not(new_daemon, tmp_path):
+    """One bad service never takes the others down (issue 12): superd run reports every
+    mistake as `superd check` does, serves the services that load, binds nothing for those
+    that do not, and `superd status` says which are not started and why."""
     ports = [free_port() for _ in range(5)]
     table, at = many_mistakes(tmp_path, ports)
     d = new_daemon()
+    d.start(text=table.read_text())
+    lines = (d.stdout_text() + d.stderr_text()).splitlines()
+    assert_many_mistakes_reported(lines, d.table, at)
+    p1, p2, p3, p4, p5 = ports
+    assert tcp_exchange("127.0.0.1", p1, b"good\n", expect_len=5) == b"good\n"
+    assert tcp_exchange("127.0.0.1", p5, b"dup1\n", expect_len=5) == b"dup1\n"  # the first
+    for p in (p2, p3, p4):
+        assert connection_refused("127.0.0.1", p), f"port {p} is bound for a bad service"
+    status = lib.status(d)
+    assert set(status["services"]) == {"good", "dup1", "dupudp"}, status["services"]
+    failed = status["failed"]
+    assert set(failed) == {"unknownkey", "wrongtype", "relexec", "dup2", "badaddr"}, failed
+    assert failed["relexec"]["where"] == f"{d.table}:{at['relexec'] - 2}"
+    assert "is not an absolute path" in failed["relexec"]["reason"]
+    assert failed["relexec"]["next_try_in"] is None, "a mistake in the table is not retried"
+    assert len(status["problems"]) >= 5
+
+
+def test_run_with_a_table_it_cannot_read_exits_1_without_binding(new_daemon, tmp_path):
+    """Only a table that cannot be read at all (not YAML, not a mapping) refuses to start."""
+    port = free_port()
+    d = new_daemon()
     d.expect_rc = 1
-    d.start(text=table.read_text(), wait_ready=False)
+    d.start(text=f"services:\n  echo: {{listen: \"127.0.0.1:{port}\", internal: echo\n",
+            wait_ready=False)
     try:
         rc = d.proc.wait(20)
     except subprocess.TimeoutExpired:
-        pytest.fail("superd run kept running with a bad table")
+        pytest.fail("superd run kept running with a table it could not read")
     assert rc == 1, f"exit {rc}\n{d.stderr_text()}"
-    lines = (d.stdout_text() + d.stderr_text()).splitlines()
-    assert_many_mistakes_reported(lines, d.table, at)
-    d.notify_index()  # collect what arrived on the notify socket
+    assert re.search(rf"^{re.escape(str(d.table))}:\d+: YAML: ", d.stderr_text(), re.M), \
+        d.stderr_text()
+    d.notify_index()
     assert not any("READY=1" in items for _, items in d.notifications), d.notifications
-    for p in ports:
-        assert port_is_free(p), f"port {p} is bound after superd run refused the table"
+    assert port_is_free(port)
 
 
 def test_include_counts_services_and_names_the_included_file(tmp_path):

@@ -82,15 +82,28 @@ def test_writable_by_others_is_refused_as_root(new_daemon, which, how):
     assert r.returncode == 1, f"superd check accepted a {how} {which}:\n{r.stdout}"
     assert re.search(re.escape(str(culprit)) + r".*writable", r.stdout), r.stdout
 
-    d.start(wait_ready=False)  # the table as it is on disk
-    try:
-        rc = d.proc.wait(15)
-    except subprocess.TimeoutExpired:
-        rc = None
-    d.expect_rc = 1
-    assert rc == 1, f"superd run went on with a {how} {which}"
+    if which == "table":  # nothing can be served from a table that is refused
+        d.start(wait_ready=False)  # the table as it is on disk
+        try:
+            rc = d.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            rc = None
+        d.expect_rc = 1
+        assert rc == 1, f"superd run went on with a {how} {which}"
+        assert str(culprit) in d.stderr_text(), d.stderr_text()
+        assert port not in lib.listening_tcp_ports(), "bound something before refusing"
+        return
+    # An included file or a handler: the services from it are not started, the rest are.
+    d.start()
     assert str(culprit) in d.stderr_text(), d.stderr_text()
-    assert port not in lib.listening_tcp_ports(), "bound something before refusing"
+    assert tcp_exchange("127.0.0.1", port, b"x", expect_len=1) == b"x"
+    status = lib.status(d)
+    refused = "py" if which == "python-file" else None
+    if refused:
+        assert refused in status["failed"] and "writable" in status["failed"][refused]["reason"]
+    else:
+        assert "more" not in status["services"], "a service from a file others could write"
+    assert any(str(culprit) in p and "writable" in p for p in status["problems"]), status
 
 
 @needs_root

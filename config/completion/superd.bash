@@ -57,7 +57,8 @@ _superd()
                 return
             fi ;;
         run) options="--config --daemon --pidfile --help" ;;
-        check | reload | stop) options="--config --help" ;;
+        check) options="--config --bind --help" ;;
+        reload | stop) options="--config --help" ;;
         status) options="--config --json --help"
             if [[ $cur != -* ]]; then
                 local IFS=$'\n'

@@ -481,8 +481,6 @@ def test_a_bad_default_is_blamed_on_the_main_file_for_an_included_service(tmp_pa
         f"{tmp_path}/superd.yaml:1: defaults.backlog: 0 is out of range (1 to 65535)"]
 
 
-@pytest.mark.xfail(strict=True, reason="load_table() checks each default once per service and "
-                   "keeps every copy: one bad default is printed once per service")
 def test_a_bad_default_is_reported_once(tmp_path):
     lines = problems(tmp_path, """\
         defaults:
@@ -619,9 +617,6 @@ def test_one_unix_path_for_two_services_is_refused(tmp_path):
                      f"{tmp_path}/superd.yaml:2)"]
 
 
-@pytest.mark.xfail(strict=True, reason="config._check_addresses() groups unix paths by socket "
-                   "type, but a path is one file: the second bind unlinks the first "
-                   "service's socket (listeners._remove_stale_socket) and it goes deaf")
 def test_a_unix_stream_and_a_unix_datagram_service_cannot_share_a_path(tmp_path):
     path = f"{tmp_path}/s.sock"
     lines = problems(tmp_path, f"""\
@@ -632,9 +627,6 @@ def test_a_unix_stream_and_a_unix_datagram_service_cannot_share_a_path(tmp_path)
     assert len(lines) == 1 and "services.b.listen" in lines[0], lines
 
 
-@pytest.mark.xfail(strict=True, reason="yamlsrc records the line a value starts on, and a block "
-                   "mapping starts at its first key: a service's own line (Service.where, "
-                   "`first at`, a bad name, no handler kind) is the line after its name")
 @pytest.mark.parametrize("entry, message", [
     ("listen: 7", "give exactly one of exec, internal or python"),
 ], ids=["no-kind"])
@@ -643,7 +635,6 @@ def test_a_problem_with_a_whole_service_names_the_line_of_its_name(tmp_path, ent
         f"{tmp_path}/superd.yaml:2: services.s: {message}"]
 
 
-@pytest.mark.xfail(strict=True, reason="as above: Service.where is the line after the name")
 def test_a_services_place_is_the_line_of_its_name(tmp_path):
     (svc,) = table(tmp_path, "services:\n  s:\n    listen: 7\n    internal: echo\n").services
     assert svc.where == f"{tmp_path}/superd.yaml:2"
