@@ -38,7 +38,7 @@ class ListenerPool:
     def for_service(self, svc: Service) -> list[Listener]:
         if svc.name in self.passed:
             return list(self.passed[svc.name])
-        keys = [a.key(svc.protocol) for a in svc.listen]
+        keys = [a.key(svc.protocol, svc.sockopts) for a in svc.listen]
         return [self.pool[k] for k in keys if k in self.pool]
 
     def all(self) -> list[Listener]:
@@ -54,7 +54,7 @@ class ListenerPool:
         """
         pool: dict[Key, Listener] = {}
         deferred: list[tuple[Service, Address]] = []
-        wanted = {a.key(s.protocol) for s in table.enabled if s.name not in self.passed
+        wanted = {a.key(s.protocol, s.sockopts) for s in table.enabled if s.name not in self.passed
                   for a in s.listen}
         going = {k: lst for k, lst in self.pool.items() if k not in wanted}
         try:
@@ -63,7 +63,7 @@ class ListenerPool:
                     continue
                 for addr in svc.listen:
                     try:
-                        pool[addr.key(svc.protocol)] = self._listener(svc, addr)
+                        pool[addr.key(svc.protocol, svc.sockopts)] = self._listener(svc, addr)
                     except OSError as e:
                         if e.errno == errno.EADDRINUSE and _in_the_way(going, svc, addr):
                             deferred.append((svc, addr))
@@ -79,11 +79,15 @@ class ListenerPool:
         return pool
 
     def _listener(self, svc: Service, addr: Address) -> Listener:
-        listener = self.pool.get(addr.key(svc.protocol))
+        listener = self.pool.get(addr.key(svc.protocol, svc.sockopts))
         if listener is None:
-            listener = Listener.bind(addr, svc.protocol, svc.backlog)
-        elif listener.stream and svc.backlog != listener.backlog:
-            listener.sock.listen(svc.backlog)
+            listener = Listener.bind(addr, svc.protocol, svc.backlog, svc.sockopts)
+        else:
+            if listener.stream and svc.backlog != listener.backlog:
+                listener.sock.listen(svc.backlog)
+            problem = listener.configure(svc.sockopts)
+            if problem:
+                self.info(f"{svc.name}: {problem}")
         listener.backlog = svc.backlog
         return listener
 
@@ -98,7 +102,7 @@ class ListenerPool:
             del self.pool[key]
         try:
             for svc, addr in deferred:
-                pool[addr.key(svc.protocol)] = self._listener(svc, addr)
+                pool[addr.key(svc.protocol, svc.sockopts)] = self._listener(svc, addr)
                 self.info(f"{svc.name}: {addr} overlaps an address given up by this reload; "
                           "closed the old socket first")
         except OSError as e:
@@ -106,7 +110,8 @@ class ListenerPool:
                 pool.pop(key).close()  # first free the addresses, then
             for key, old in closed.items():  # put the old sockets back, as far as we can
                 try:
-                    again = Listener.bind(old.address, old.protocol, old.backlog)  # type: ignore[arg-type]
+                    again = Listener.bind(old.address, old.protocol, old.backlog,  # type: ignore[arg-type]
+                                          old.options)
                 except OSError:
                     continue
                 again.backlog = old.backlog

@@ -17,7 +17,9 @@ from ipaddress import IPv4Network, IPv6Network
 from typing import Any
 
 from superd import fields
-from superd.listeners import PROTOCOLS, Address
+from superd.listeners import PROTOCOLS, STREAM_PROTOCOLS, Address
+from superd.sockopts import DEFAULT as DEFAULT_SOCKOPTS
+from superd.sockopts import SocketOptions
 from superd.yamlsrc import Document, Path, Problem, TableError, load
 
 DEFAULT_TABLE = "/etc/superd/superd.yaml"
@@ -73,13 +75,15 @@ class Service:
     disabled: bool = False
     log_on_success: frozenset[str] = frozenset({"pid", "host", "exit", "duration"})
     log_on_failure: frozenset[str] = frozenset({"host"})
+    # socket options (superd/sockopts.py: socket_user ... broadcast), one record
+    sockopts: SocketOptions = DEFAULT_SOCKOPTS
     function: Callable[..., Any] | None = field(default=None, compare=False, repr=False)
     file: str = field(default="", compare=False)
     line: int = field(default=0, compare=False)
 
     @property
     def stream(self) -> bool:
-        return self.protocol in ("tcp", "unix")
+        return self.protocol in STREAM_PROTOCOLS
 
     @property
     def where(self) -> str:
@@ -258,7 +262,7 @@ def _service(doc: Document, name: str, defaults: dict[str, Any], main: Document,
     protocol = raw.get("protocol", "tcp")
     ctx = fields.Context(name=name, table_dir=os.path.dirname(doc.file),
                          protocol=protocol if isinstance(protocol, str) and protocol in PROTOCOLS
-                         else "tcp")
+                         else "tcp", written=frozenset(raw))
     values: dict[str, Any] = {}
     before = len(problems)
     for key, (src, path, value) in merged.items():
@@ -293,7 +297,8 @@ def _check_addresses(services: list[tuple[Service, Document]], problems: list[Pr
             continue
         kind = socket.SOCK_STREAM if svc.stream else socket.SOCK_DGRAM
         for i, addr in enumerate(svc.listen):
-            group = taken.setdefault((kind, addr.path or addr.port), [])
+            # one path is one socket, whatever its type; a port is one per type
+            group = taken.setdefault(("path", addr.path) if addr.path else (kind, addr.port), [])
             for other, other_addr in group:
                 if addr.overlaps(other_addr):
                     what = "the same address" if addr == other_addr else "an overlapping address"

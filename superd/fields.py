@@ -21,7 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from superd.listeners import PROTOCOLS, parse_address
+from superd import sockopts
+from superd.listeners import PROTOCOLS, STREAM_PROTOCOLS, parse_address
 from superd.yamlsrc import check_owner
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -42,6 +43,7 @@ class Context:
     name: str
     table_dir: str
     protocol: str = "tcp"
+    written: frozenset[str] = frozenset()  # the keys the service itself gives (not defaults)
 
 
 class FieldError(ValueError):
@@ -284,6 +286,8 @@ SERVICE_KEYS: dict[str, Callable[[Any, Context], dict[str, Any]]] = {
     "disabled": simple("disabled", boolean),
     "log_on_success": fields_subset("log_on_success", SUCCESS_FIELDS),
     "log_on_failure": fields_subset("log_on_failure", FAILURE_FIELDS),
+    # socket options: socket_user ... broadcast (superd/sockopts.py)
+    **sockopts.KEYS,
 }
 
 
@@ -303,10 +307,10 @@ def whole_service(values: dict[str, Any], ctx: Context) -> dict[str, Any]:
         out["wait"] = False  # accepted and ignored (SPEC §2)
         for key in ("user", "uid", "gid", "groups"):
             out.pop(key, None)
-    elif protocol in ("udp", "unix-dgram") and not out.get("wait"):
+    elif protocol not in STREAM_PROTOCOLS and not out.get("wait"):
         raise FieldError(("wait", "protocol"), f"protocol {protocol} with wait: false is only "
                                                "for internal services; use wait: true")
-    if out.get("wait") and protocol in ("tcp", "unix"):
+    if out.get("wait") and protocol in STREAM_PROTOCOLS:
         for key in ("only_from", "no_access", "per_source"):
             if out.get(key):
                 raise FieldError(key, f"{key} cannot apply to a wait: true stream service: its "
@@ -321,4 +325,11 @@ def whole_service(values: dict[str, Any], ctx: Context) -> dict[str, Any]:
         out["program"] = program
     elif out.get("program"):
         raise FieldError("program", "program goes with exec")
+    abstract = bool(out.get("listen")) and all(a.abstract for a in out["listen"])
+    misfit = sockopts.misfit(ctx.written, protocol, bool(out.get("wait")), abstract)
+    if misfit:
+        raise FieldError(*misfit)
+    out["sockopts"] = sockopts.build(out, protocol, abstract)
+    if out.get("internal") == "echo" and protocol == "unix-seqpacket":
+        out["internal"] = "echo-packet"  # one reply per message: the boundaries are kept
     return out

@@ -12,6 +12,7 @@ import random
 import socket
 import struct
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,6 +21,8 @@ from superd.loop import READ, WRITE, Loop, Timer
 RFC868_EPOCH = 2208988800  # seconds from 1900-01-01 to 1970-01-01
 CHUNK = 65536
 MAX_PENDING = 256 * 1024  # echo stops reading while this much is unsent
+PACKET = 256 * 1024  # the largest seqpacket message read whole (a unix one fits its sndbuf)
+MAX_QUEUED = 64  # packet echo stops reading while this many messages are unsent
 READS_PER_TURN = 4  # recv calls per readiness before other clients get their turn
 
 
@@ -156,6 +159,53 @@ class Echo(Session):
         self.watch(self.wanted())
 
 
+class PacketEcho(Session):
+    """Echo on a SOCK_SEQPACKET socket: each message goes back as one message.
+
+    (Echo's byte buffer would join messages that arrive together.) An empty message reads as
+    the end, as recv() cannot tell the two apart.
+    """
+
+    def __init__(self, *args: object):
+        self.queue: deque[bytes] = deque()
+        self.eof = False
+        super().__init__(*args)  # type: ignore[arg-type]
+
+    def readable(self) -> None:
+        try:
+            for _ in range(READS_PER_TURN):
+                if len(self.queue) >= MAX_QUEUED:
+                    break
+                data = self.sock.recv(PACKET)
+                if not data:
+                    self.eof = True
+                    break
+                self.bytes_in += len(data)
+                self.queue.append(data)
+        except BlockingIOError:
+            pass
+        self.flush()
+
+    def writable(self) -> None:
+        self.flush()
+
+    def wanted(self) -> int:
+        return (0 if self.eof or len(self.queue) >= MAX_QUEUED else READ) | (
+            WRITE if self.queue else 0)
+
+    def flush(self) -> None:
+        while self.queue:
+            try:
+                self.bytes_out += self.sock.send(self.queue[0])
+            except BlockingIOError:
+                break
+            self.queue.popleft()
+        if self.eof and not self.queue:
+            self.close()
+            return
+        self.watch(self.wanted())
+
+
 class Discard(Session):
     """Reading and dropping is what Session does by default."""
 
@@ -216,6 +266,8 @@ class Builtin:
 
 BUILTINS = {b.name: b for b in (
     Builtin("echo", Echo, lambda data: data),
+    # echo on a unix-seqpacket service (fields.whole_service picks it; not a name to write)
+    Builtin("echo-packet", PacketEcho, lambda data: data),
     Builtin("discard", Discard, lambda data: None),
     Builtin("chargen", Chargen, _chargen_datagram),
     Builtin("daytime", Daytime, lambda data: daytime_text()),
