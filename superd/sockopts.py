@@ -92,8 +92,10 @@ def octal_mode(value: Any, high: int = 0o777) -> int:
     if isinstance(value, str) and re.fullmatch(r"0?[0-7]{1,4}", value.strip()):
         value = int(value, 8)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high:
+        shown = f"{value:o} (octal)" if isinstance(value, int) and not isinstance(
+            value, bool) and value >= 0 else repr(value)
         raise ValueError(f"expected an octal mode such as \"0660\" (at most {high:o}), "
-                         f"not {value!r}")
+                         f"not {shown}")
     return value
 
 

@@ -29,7 +29,7 @@ PROBE = r'''
 import json, os, socket, sys
 s = socket.socket(fileno=os.dup(0))
 listening = len(sys.argv) > 1
-if listening and s.type == socket.SOCK_STREAM:
+if listening and s.type != socket.SOCK_DGRAM:
     conn, _ = s.accept()
 def opt(level, name, size=0):
     try:
@@ -38,7 +38,10 @@ def opt(level, name, size=0):
         return s.getsockopt(level, name)
     except OSError as e:
         return f"errno {e.errno}"
-out = {"family": int(s.family), "type": int(s.type), "sockname": list(s.getsockname()[:2])}
+name = s.getsockname()
+name = list(name[:2]) if isinstance(name, tuple) else name.decode() if isinstance(name, bytes) \
+    else name
+out = {"family": int(s.family), "type": int(s.type), "sockname": name}
 for name, level, option in [
         ("nodelay", 6, 1), ("keepalive", 1, 9), ("keepidle", 6, 4), ("keepintvl", 6, 5),
         ("keepcnt", 6, 6), ("defer_accept", 6, 9), ("rcvbuf", 1, 8), ("sndbuf", 1, 7),
@@ -48,6 +51,8 @@ for name, level, option in [
         ("reuseport", 1, 15), ("broadcast", 1, 6)]:
     out[name] = opt(level, option)
 out["device"] = opt(1, 25, 16)
+out["env"] = {k: v for k, v in os.environ.items()
+              if k in ("PROTO", "REMOTE_ADDR", "REMOTE_PORT") or k.startswith(("VSOCK", "UNIX"))}
 data = json.dumps(out).encode()
 if listening and s.type == socket.SOCK_DGRAM:
     _, peer = s.recvfrom(65536)
