@@ -36,15 +36,29 @@ def main(argv: list[str] | None = None) -> int:
     status = sub.add_parser("status", help="live per-service counters")
     status.add_argument("-c", "--config")
     status.add_argument("--json", action="store_true")
-    imp = sub.add_parser("import", help="translate inetd.conf or xinetd config to YAML on stdout")
-    imp.add_argument("kind", choices=("inetd", "xinetd"))
-    imp.add_argument("file")
+    imp = sub.add_parser("import", help="translate inetd.conf, xinetd config or a systemd "
+                                         "socket unit to YAML on stdout")
+    imp.add_argument("kind", choices=("inetd", "xinetd", "systemd"))
+    imp.add_argument("files", nargs="+", metavar="FILE",
+                     help="inetd: a file or a directory of them; xinetd: xinetd.conf or a "
+                          "directory; systemd: UNIT.socket [UNIT.service]")
     imp.add_argument("--check", action="store_true",
                      help="also print the check summary on stderr (the result is always "
                           "validated; exit 1 if it would not load)")
+    imp.add_argument("--flavour", choices=("debian", "freebsd", "openbsd", "inetutils"),
+                     help="inetd: read plain tcp/udp as this inetd does (else told by the file)")
+    imp.add_argument("--split", metavar="DIR",
+                     help="write DIR/superd.yaml and DIR/conf.d/NAME.yaml, one per input file")
     args = parser.parse_args(argv)
     if args.command == "run" and args.pidfile and not args.daemon:
         parser.error("--pidfile goes with --daemon")
+    if args.command == "import":
+        most = 2 if args.kind == "systemd" else 1
+        if len(args.files) > most:
+            parser.error(f"import {args.kind} takes "
+                         + ("UNIT.socket [UNIT.service]" if most == 2 else "one FILE"))
+        if args.flavour and args.kind != "inetd":
+            parser.error("--flavour goes with import inetd")
     return COMMANDS[args.command](args)
 
 
@@ -202,7 +216,8 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 def cmd_import(args: argparse.Namespace) -> int:
     from superd.importer import run_import
-    return run_import(args.kind, args.file, check=args.check)
+    return run_import(args.kind, args.files, check=args.check, flavour=args.flavour,
+                      split_dir=args.split)
 
 
 COMMANDS = {"import": cmd_import, "run": cmd_run, "check": cmd_check, "status": cmd_status,
