@@ -107,6 +107,7 @@ def translate(path: str) -> Translation:
                 svcs.append(got)
             else:
                 got.lines[:0] = item.comments
+                got.file = item.where.rsplit(":", 1)[0]  # for --split
                 t.items.append(got)
     _finish(t, d, svcs)
     return t
