@@ -8,11 +8,9 @@ python handlers) are done here, once, so a mistake shows up in `superd check`, n
 
 from __future__ import annotations
 
-import grp
 import importlib
 import ipaddress
 import os
-import pwd
 import re
 import resource
 import sys
@@ -23,6 +21,7 @@ from typing import Any
 
 from superd import sockopts
 from superd.listeners import PROTOCOLS, STREAM_PROTOCOLS, parse_address
+from superd.values import boolean, group_entry, integer, user_entry
 from superd.yamlsrc import check_owner
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -57,20 +56,6 @@ class FieldError(ValueError):
 def _choice(options: tuple[str, ...], value: Any) -> str:
     if value not in options:
         raise ValueError(f"expected one of {', '.join(options)}, not {value!r}")
-    return value
-
-
-def boolean(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"expected true or false, not {value!r}")
-    return value
-
-
-def integer(value: Any, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"expected a whole number, not {value!r}")
-    if not low <= value <= high:
-        raise ValueError(f"{value} is out of range ({low} to {high})")
     return value
 
 
@@ -166,19 +151,13 @@ def _load_source(path: str, name: str) -> types.ModuleType:
 
 
 def user(value: Any, ctx: Context) -> dict[str, Any]:
-    try:
-        entry = pwd.getpwuid(value) if isinstance(value, int) else pwd.getpwnam(str(value))
-    except (KeyError, OverflowError):
-        raise ValueError(f"no such user {value!r}") from None
+    entry = user_entry(value)
     return {"user": entry.pw_name, "uid": entry.pw_uid, "gid": entry.pw_gid,
             "groups": tuple(os.getgrouplist(entry.pw_name, entry.pw_gid))}
 
 
 def group(value: Any, ctx: Context) -> dict[str, Any]:
-    try:
-        entry = grp.getgrgid(value) if isinstance(value, int) else grp.getgrnam(str(value))
-    except (KeyError, OverflowError):
-        raise ValueError(f"no such group {value!r}") from None
+    entry = group_entry(value)
     return {"group_gid": entry.gr_gid}
 
 

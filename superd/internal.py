@@ -118,6 +118,8 @@ class Session:
 
 
 class Echo(Session):
+    chunk, limit = CHUNK, MAX_PENDING  # read this much at a time; stop reading when this is unsent
+
     def __init__(self, *args: object):
         self.pending = bytearray()
         self.eof = False
@@ -126,13 +128,13 @@ class Echo(Session):
     def readable(self) -> None:
         try:
             for _ in range(READS_PER_TURN):
-                data = self.sock.recv(CHUNK)
+                data = self.sock.recv(self.chunk)
                 if not data:
                     self.eof = True
                     break
                 self.bytes_in += len(data)
                 self.pending += data
-                if len(self.pending) >= MAX_PENDING:
+                if len(self.pending) >= self.limit:
                     break
         except BlockingIOError:
             pass
@@ -142,7 +144,7 @@ class Echo(Session):
         self.flush()
 
     def wanted(self) -> int:
-        return (0 if self.eof or len(self.pending) >= MAX_PENDING else READ) | (
+        return (0 if self.eof or len(self.pending) >= self.limit else READ) | (
             WRITE if self.pending else 0)
 
     def flush(self) -> None:
@@ -159,48 +161,37 @@ class Echo(Session):
         self.watch(self.wanted())
 
 
-class PacketEcho(Session):
+class Messages(deque[bytes]):
+    """PacketEcho's pending data: `+=` keeps each message whole, as one entry."""
+
+    def __iadd__(self, data: bytes) -> Messages:  # type: ignore[override,misc]
+        self.append(data)
+        return self
+
+
+class PacketEcho(Echo):
     """Echo on a SOCK_SEQPACKET socket: each message goes back as one message.
 
     (Echo's byte buffer would join messages that arrive together.) An empty message reads as
     the end, as recv() cannot tell the two apart.
     """
 
+    chunk, limit = PACKET, MAX_QUEUED
+
     def __init__(self, *args: object):
-        self.queue: deque[bytes] = deque()
+        self.pending = Messages()  # type: ignore[assignment]
         self.eof = False
-        super().__init__(*args)  # type: ignore[arg-type]
-
-    def readable(self) -> None:
-        try:
-            for _ in range(READS_PER_TURN):
-                if len(self.queue) >= MAX_QUEUED:
-                    break
-                data = self.sock.recv(PACKET)
-                if not data:
-                    self.eof = True
-                    break
-                self.bytes_in += len(data)
-                self.queue.append(data)
-        except BlockingIOError:
-            pass
-        self.flush()
-
-    def writable(self) -> None:
-        self.flush()
-
-    def wanted(self) -> int:
-        return (0 if self.eof or len(self.queue) >= MAX_QUEUED else READ) | (
-            WRITE if self.queue else 0)
+        Session.__init__(self, *args)  # type: ignore[arg-type]
 
     def flush(self) -> None:
-        while self.queue:
+        queue: Messages = self.pending  # type: ignore[assignment]
+        while queue:
             try:
-                self.bytes_out += self.sock.send(self.queue[0])
+                self.bytes_out += self.sock.send(queue[0])
             except BlockingIOError:
                 break
-            self.queue.popleft()
-        if self.eof and not self.queue:
+            queue.popleft()
+        if self.eof and not queue:
             self.close()
             return
         self.watch(self.wanted())

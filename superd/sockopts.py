@@ -9,13 +9,13 @@ socket is superd/sockapply.py's business, the socket file's is superd/unixfile.p
 
 from __future__ import annotations
 
-import grp
 import math
-import pwd
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
+
+from superd.values import boolean, group_entry, integer, user_entry
 
 IP = frozenset({"tcp", "udp"})
 TCP = frozenset({"tcp"})
@@ -73,20 +73,6 @@ FIELDS = frozenset(f.name for f in fields(SocketOptions))
 # -- parsers: raw YAML value in, SocketOptions field values out -------------------------------
 
 
-def _integer(value: Any, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"expected a whole number, not {value!r}")
-    if not low <= value <= high:
-        raise ValueError(f"{value} is out of range ({low} to {high})")
-    return value
-
-
-def _boolean(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"expected true or false, not {value!r}")
-    return value
-
-
 def octal_mode(value: Any, high: int = 0o777) -> int:
     """`0660` in YAML is already octal; a quoted "0660" or "660" is read as octal too."""
     if isinstance(value, str) and re.fullmatch(r"0?[0-7]{1,4}", value.strip()):
@@ -120,19 +106,11 @@ def whole_seconds(value: Any, high: int) -> int:
 
 
 def _uid(value: Any, ctx: object) -> dict[str, Any]:
-    try:
-        entry = pwd.getpwuid(value) if isinstance(value, int) else pwd.getpwnam(str(value))
-    except (KeyError, OverflowError):
-        raise ValueError(f"no such user {value!r}") from None
-    return {"socket_uid": entry.pw_uid}
+    return {"socket_uid": user_entry(value).pw_uid}
 
 
 def _gid(value: Any, ctx: object) -> dict[str, Any]:
-    try:
-        entry = grp.getgrgid(value) if isinstance(value, int) else grp.getgrnam(str(value))
-    except (KeyError, OverflowError):
-        raise ValueError(f"no such group {value!r}") from None
-    return {"socket_gid": entry.gr_gid}
+    return {"socket_gid": group_entry(value).gr_gid}
 
 
 def _keepalive(value: Any, ctx: object) -> dict[str, Any]:
@@ -146,7 +124,7 @@ def _keepalive(value: Any, ctx: object) -> dict[str, Any]:
         if key in ("time", "interval"):
             out[f"keepalive_{key}"] = whole_seconds(v, MAX_KEEPALIVE_SECONDS)
         elif key == "probes":
-            out["keepalive_probes"] = _integer(v, 1, MAX_KEEPALIVE_PROBES)
+            out["keepalive_probes"] = integer(v, 1, MAX_KEEPALIVE_PROBES)
         else:
             raise ValueError(f"unknown keepalive key {key!r} (expected time, interval, probes)")
     return out
@@ -177,20 +155,20 @@ KEYS: dict[str, Callable[[Any, Any], dict[str, Any]]] = {
     "socket_group": _gid,
     "socket_mode": _one("socket_mode", octal_mode),
     "directory_mode": _one("directory_mode", lambda v: octal_mode(v, 0o7777)),
-    "free_bind": _one("free_bind", _boolean),
-    "nodelay": _one("nodelay", _boolean),
+    "free_bind": _one("free_bind", boolean),
+    "nodelay": _one("nodelay", boolean),
     "keepalive": _keepalive,
     "bind_to_device": _one("bind_to_device", _device),
-    "reuse_port": _one("reuse_port", _boolean),
+    "reuse_port": _one("reuse_port", boolean),
     "receive_buffer": _one("receive_buffer", size),
     "send_buffer": _one("send_buffer", size),
     "defer_accept": _one("defer_accept", lambda v: whole_seconds(v, 3600)),
-    "mark": _one("mark", lambda v: _integer(v, 0, 2**32 - 1)),
+    "mark": _one("mark", lambda v: integer(v, 0, 2**32 - 1)),
     "ip_tos": _one("ip_tos", _tos),
-    "ip_ttl": _one("ip_ttl", lambda v: _integer(v, 1, 255)),
-    "priority": _one("priority", lambda v: _integer(v, 0, 2**31 - 1)),
-    "transparent": _one("transparent", _boolean),
-    "broadcast": _one("broadcast", _boolean),
+    "ip_ttl": _one("ip_ttl", lambda v: integer(v, 1, 255)),
+    "priority": _one("priority", lambda v: integer(v, 0, 2**31 - 1)),
+    "transparent": _one("transparent", boolean),
+    "broadcast": _one("broadcast", boolean),
 }
 
 # key -> (protocols it applies to, what it is for)

@@ -198,14 +198,15 @@ class SwappingSocket(socket.socket):
         self.swap(address)
 
 
-def test_a_symlink_swapped_in_after_bind_is_not_chowned(sticky_dir, victim):
+@pytest.mark.parametrize("swap", [os.symlink, os.link], ids=["symlink", "hard-link"])
+def test_a_link_to_a_root_file_swapped_in_after_bind_is_not_chowned(sticky_dir, victim, swap):
     path = str(sticky_dir / "s.sock")
 
-    def to_symlink(p: str) -> None:
+    def to_link(p: str) -> None:
         os.unlink(p)
-        os.symlink(victim, p)
+        swap(victim, p)
 
-    with SwappingSocket(to_symlink) as sock, pytest.raises(unixfile.Replaced):
+    with SwappingSocket(to_link) as sock, pytest.raises(unixfile.Replaced):
         unixfile.bind(sock, path, OPEN)
     assert _untouched(victim)
 
@@ -226,18 +227,6 @@ def test_another_socket_swapped_in_after_bind_is_left_alone(sticky_dir):
         assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o600)  # not given to nobody
     finally:
         theirs.close()
-
-
-def test_a_hard_link_in_place_of_the_socket_is_left_alone(sticky_dir, victim):
-    path = str(sticky_dir / "s.sock")
-
-    def to_hard_link(p: str) -> None:
-        os.unlink(p)
-        os.link(victim, p)
-
-    with SwappingSocket(to_hard_link) as sock, pytest.raises(unixfile.Replaced):
-        unixfile.bind(sock, path, OPEN)
-    assert _untouched(victim)
 
 
 def test_the_socket_superd_bound_gets_owner_and_mode(sticky_dir):
