@@ -15,7 +15,7 @@ from typing import Any, TextIO
 
 from superd import __version__, control, yamlsrc
 from superd.config import Settings, Table, load_table, table_path
-from superd.listeners import Listener
+from superd.listeners import AF_VSOCK, Listener
 from superd.yamlsrc import TableError
 
 EX_SOFTWARE = 70
@@ -135,7 +135,10 @@ def _fatal(log: object, exc: BaseException) -> int:
 
 def _protocol_of(sock: socket.socket) -> str:
     if sock.family == socket.AF_UNIX:
-        return "unix" if sock.type == socket.SOCK_STREAM else "unix-dgram"
+        return {socket.SOCK_STREAM: "unix", socket.SOCK_SEQPACKET: "unix-seqpacket"}.get(
+            sock.type, "unix-dgram")
+    if sock.family == AF_VSOCK:
+        return "vsock"
     return "tcp" if sock.type == socket.SOCK_STREAM else "udp"
 
 

@@ -226,6 +226,12 @@ def test_inetd_reads_a_directory_as_inetutils_does(tmp_path):
     s, text, _ = imported("inetd", str(d))
     assert list(s) == [str(p2), str(p1)]  # files in name order
     assert f"from {d / 'a-cat'}:" in text and "# a-cat:1: " in text
+    out = tmp_path / "layout"
+    r = superd_import("inetd", str(d), "--split", str(out))
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (out / "conf.d").iterdir()) == ["a-cat.yaml", "b-cat.yaml"]
+    part = yaml.safe_load((out / "conf.d" / "b-cat.yaml").read_text())
+    assert list(part["services"]) == [str(p1)]
 
 
 def test_the_summary_counts_every_comment_and_names_every_service_left_out(tmp_path):

@@ -269,3 +269,24 @@ def test_vsock_client_through_the_loopback_cid(superd, probe):
     assert got["family"] == AF_VSOCK, got
     assert (got["env"]["PROTO"], got["env"]["REMOTE_ADDR"], got["env"]["VSOCKREMOTECID"]) == (
         "VSOCK", "vsock:1", "1"), got
+
+
+def test_a_seqpacket_socket_passed_by_systemd(new_daemon, shared_dir):
+    """Socket activation of a ListenSequentialPacket= socket: superd takes it as the
+    unix-seqpacket socket it is (message echo), and leaves its file alone."""
+    import reliability_lib as rl
+    path = str(shared_dir / "passed.sock")
+    passed = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        passed.bind(path)
+        passed.listen(16)
+        rl.start_with_listen_fds(new_daemon(), [("sp", passed)],
+                                 {"sp": {"protocol": "unix-seqpacket", "internal": "echo"}})
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as c:
+            c.settimeout(5)
+            c.connect(path)
+            c.send(b"a")
+            c.send(b"b")
+            assert [c.recv(10), c.recv(10)] == [b"a", b"b"]
+    finally:
+        passed.close()
