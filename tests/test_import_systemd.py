@@ -175,6 +175,9 @@ def test_vsock_and_ipv6_only_forms(tmp_path):
     assert s["v"]["listen"] == "vsock::2222" and s["v"]["protocol"] == "vsock"
     s, text, _ = imported(str(tmp_path / "six.socket"))
     assert s["six"]["listen"] == "[::]:2323"
+    (tmp_path / "six.socket").write_text("[Socket]\nListenStream=2325\nAccept=yes\nIPTOS=fast\n")
+    s, bad, _ = imported(str(tmp_path / "six.socket"))
+    assert "IPTOS=fast -- not 0 to 255, low-delay" in bad and "ip_tos" not in s["six"]
     assert "ListenStream=localhost:2324 -- localhost:2324: superd listens on PORT" in text
 
 

@@ -235,7 +235,10 @@ def _options(e: Entry, sock: Unit) -> None:
         elif key == "DeferAcceptSec":
             _seconds(e, s, "defer_accept")
         elif key == "IPTOS":
-            e.keys["ip_tos"] = TOS.get(value) or (int(value) if value.isdigit() else value)
+            if value in TOS or value.isdigit() and int(value) <= 255:
+                e.keys["ip_tos"] = TOS.get(value) or int(value)
+            else:
+                bad(s, "not 0 to 255, low-delay, throughput, reliability or low-cost")
     _keepalive(e, sock)
 
 
