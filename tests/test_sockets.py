@@ -103,12 +103,14 @@ def test_tcp_options_reach_the_handlers_fd0(superd, probe):
     })
     before = ask("127.0.0.1", plain)  # what the kernel gives without options: the control
     assert (before["nodelay"], before["keepalive"], before["mark"], before["priority"],
-            before["tos"], before["transparent"], before["device"]) == (0, 0, 0, 0, 0, 0, "")
+            before["tos"], before["transparent"], before["device"], before["freebind"]) == (
+        0, 0, 0, 0, 0, 0, "", 0)
     got = ask("127.0.0.1", full)
     assert (got["nodelay"], got["keepalive"], got["keepidle"], got["keepintvl"],
             got["keepcnt"]) == (1, 1, 77, 13, 4), got
     assert got["rcvbuf"] == 2 * 100000 and got["sndbuf"] == 2 * 150 * 1024, got  # Linux doubles
-    assert (got["mark"], got["tos"], got["ttl"], got["transparent"]) == (42, 0x10, 33, 1), got
+    assert (got["mark"], got["tos"], got["ttl"], got["transparent"], got["freebind"]) == (
+        42, 0x10, 33, 1, 1), got
     assert got["priority"] == 5, got  # not copied by the kernel: superd sets it per connection
     assert got["device"] == "lo", got
     v6 = ask("::1", six)
