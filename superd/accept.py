@@ -15,18 +15,21 @@ import socket
 import stat
 import struct
 from collections.abc import Callable
+from typing import Any
 
 from superd.access import Network, allowed, is_unicast
 from superd.limits import Limits
-from superd.listeners import Listener, plain_ip
+from superd.listeners import AF_VSOCK, Listener, plain_ip
 from superd.pipeline import Connection
 from superd.processes import Handler
+from superd.sockapply import Option
 
 ACCEPT_BATCH = 64  # connections per wake-up per listener; the rest wait for the next turn
 DATAGRAM_BATCH = 256
 FD_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 PEER_GONE = (errno.ECONNABORTED, errno.EPROTO, errno.EPERM)
-PROTO = {int(socket.AF_INET): "TCP", int(socket.AF_INET6): "TCP", int(socket.AF_UNIX): "UNIX"}
+PROTO = {int(socket.AF_INET): "TCP", int(socket.AF_INET6): "TCP", int(socket.AF_UNIX): "UNIX",
+         AF_VSOCK: "VSOCK"}
 
 
 def accept_connections(listener: Listener, limits: Limits, begin: Callable[[Connection], None],
@@ -34,6 +37,8 @@ def accept_connections(listener: Listener, limits: Limits, begin: Callable[[Conn
     """Accept until EAGAIN, a pause or a batch is done; hand each connection to `begin`."""
     sock = listener.sock
     family, kind = listener.family, listener.kind
+    peer = PEERS[family]
+    setup = listener.per_connection  # almost always empty: the kernel copies the rest
     for _ in range(ACCEPT_BATCH):
         if limits.paused:
             return
@@ -52,7 +57,18 @@ def accept_connections(listener: Listener, limits: Limits, begin: Callable[[Conn
             return
         if limits.fd_backoff:
             limits.accepted_ok()
-        begin(Connection(conn, addr, peer_of(conn, addr), listener))  # type: ignore[arg-type]
+        if setup:
+            _set_up(conn, setup)  # type: ignore[arg-type]
+        begin(Connection(conn, addr, peer(conn, addr), listener))  # type: ignore[arg-type]
+
+
+def _set_up(conn: socket.socket, options: tuple[Option, ...]) -> None:
+    """The listener's options the kernel does not copy to an accepted connection."""
+    for level, option, value in options:
+        try:
+            conn.setsockopt(level, option, value)
+        except OSError:
+            pass  # the connection is served all the same, as it would be without the option
 
 
 def answer_datagrams(listener: Listener, answer: Callable[[bytes], bytes | None],
@@ -164,11 +180,27 @@ def drop_datagram(sock: socket.socket) -> None:
 # -- what superd knows of a peer -------------------------------------------------------------
 
 def peer_of(conn: socket.socket, addr: object) -> str:
-    """The peer as logged and limited: its IP (IPv4-mapped shown as IPv4), or uid:N on unix."""
-    if isinstance(addr, tuple):
-        return plain_ip(addr[0])
+    """The peer as logged and limited: its IP (IPv4-mapped shown as IPv4), uid:N on a unix
+    socket, cid:N on vsock (the CID names the virtual machine)."""
+    return PEERS[int(conn.family)](conn, addr)
+
+
+def _ip_peer(conn: socket.socket, addr: tuple[str, int]) -> str:
+    return plain_ip(addr[0])
+
+
+def _unix_peer(conn: socket.socket, addr: object) -> str:
     pid, uid, gid = _peercred(conn)
     return f"uid:{uid}"
+
+
+def _vsock_peer(conn: socket.socket, addr: tuple[int, int]) -> str:
+    return f"cid:{addr[0]}"
+
+
+PEERS: dict[int, Callable[[socket.socket, Any], str]] = {
+    int(socket.AF_INET): _ip_peer, int(socket.AF_INET6): _ip_peer,
+    int(socket.AF_UNIX): _unix_peer, AF_VSOCK: _vsock_peer}
 
 
 def _peercred(conn: socket.socket) -> tuple[int, int, int]:
@@ -179,10 +211,13 @@ def _peercred(conn: socket.socket) -> tuple[int, int, int]:
 def handler_env(conn: Connection) -> dict[str, str]:
     """The connection's part of the handler environment (SPEC §3), and what stages added."""
     addr, sock = conn.addr, conn.sock
-    if not isinstance(addr, tuple):
+    family = conn.listener.family
+    if family == socket.AF_UNIX:
         pid, uid, gid = _peercred(sock)
         env = {"PROTO": "UNIX", "UNIXREMOTEEUID": str(uid), "UNIXREMOTEEGID": str(gid),
                "UNIXREMOTEPID": str(pid)}
+    elif family == AF_VSOCK:
+        env = _vsock_env(addr, sock)  # type: ignore[arg-type]
     else:
         local = conn.listener.address
         if local is not None and local.host not in ("0.0.0.0", "::"):
@@ -190,10 +225,20 @@ def handler_env(conn: Connection) -> dict[str, str]:
         else:
             lip, lport = sock.getsockname()[:2]
             lip = plain_ip(lip)
-        env = _ip_env("TCP", conn.peer, addr[1], lip, lport)
+        env = _ip_env("TCP", conn.peer, addr[1], lip, lport)  # type: ignore[index]
     if conn.env:
         env.update(conn.env)
     return env
+
+
+def _vsock_env(addr: tuple[int, int], sock: socket.socket) -> dict[str, str]:
+    """tcpserver's naming for vsock (PROTO=VSOCK, VSOCKREMOTECID...), and systemd's
+    REMOTE_ADDR=vsock:CID and REMOTE_PORT."""
+    cid, port = str(addr[0]), str(addr[1])
+    lcid, lport = (str(x) for x in sock.getsockname()[:2])
+    return {"PROTO": "VSOCK", "VSOCKREMOTECID": cid, "VSOCKREMOTEPORT": port,
+            "VSOCKLOCALCID": lcid, "VSOCKLOCALPORT": lport, "REMOTE_ADDR": f"vsock:{cid}",
+            "REMOTE_PORT": port}
 
 
 def _ip_env(proto: str, ip: str, port: int, lip: str, lport: int) -> dict[str, str]:
@@ -235,9 +280,9 @@ def looped(handler: Handler, duration: float) -> bool:
 def wait_peer_env(listener: Listener) -> tuple[str, dict[str, str]]:
     """For a wait handler: the sender of the first queued datagram, if any (MSG_PEEK)."""
     sock = listener.sock
-    proto = "UDP" if listener.family != socket.AF_UNIX and not listener.stream \
-        else PROTO[listener.family]
-    if listener.stream or listener.family == socket.AF_UNIX:
+    proto = "UDP" if listener.family in (socket.AF_INET, socket.AF_INET6) and \
+        not listener.stream else PROTO[listener.family]
+    if listener.stream or listener.family not in (socket.AF_INET, socket.AF_INET6):
         return "", {"PROTO": proto}
     try:
         _, addr = sock.recvfrom(1, socket.MSG_PEEK)

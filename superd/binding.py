@@ -28,6 +28,11 @@ def _in_the_way(going: dict[Key, Listener], svc: Service, addr: Address) -> bool
                for lst in going.values())
 
 
+def keys(svc: Service) -> list[Key]:
+    """What each listener of `svc` is keyed by in the pool."""
+    return [a.key(svc.protocol, svc.sockopts) for a in svc.listen]
+
+
 class ListenerPool:
     def __init__(self, passed: dict[str, list[Listener]], info: Callable[[str], None],
                  unwatch: Callable[[Listener], None]):
@@ -38,8 +43,7 @@ class ListenerPool:
     def for_service(self, svc: Service) -> list[Listener]:
         if svc.name in self.passed:
             return list(self.passed[svc.name])
-        keys = [a.key(svc.protocol) for a in svc.listen]
-        return [self.pool[k] for k in keys if k in self.pool]
+        return [self.pool[k] for k in keys(svc) if k in self.pool]
 
     def all(self) -> list[Listener]:
         return [*self.pool.values(), *(p for ps in self.passed.values() for p in ps)]
@@ -57,8 +61,8 @@ class ListenerPool:
         pool: dict[Key, Listener] = {}
         failures: dict[str, str] = {}
         deferred: list[tuple[Service, Address]] = []
-        wanted = {a.key(s.protocol) for s in services if s.name not in self.passed
-                  for a in s.listen}
+        wanted = {a.key(s.protocol, s.sockopts) for s in services
+                  if s.name not in self.passed for a in s.listen}
         going = {k: lst for k, lst in self.pool.items() if k not in wanted}
         for svc in services:
             if svc.name in self.passed:
@@ -68,7 +72,7 @@ class ListenerPool:
             try:
                 for addr in svc.listen:
                     try:
-                        mine[addr.key(svc.protocol)] = self._listener(svc, addr)
+                        mine[addr.key(svc.protocol, svc.sockopts)] = self._listener(svc, addr)
                     except OSError as e:
                         if e.errno == errno.EADDRINUSE and _in_the_way(going, svc, addr):
                             later.append((svc, addr))
@@ -86,8 +90,7 @@ class ListenerPool:
             except BindError as e:
                 for svc in {s.name: s for s, _ in deferred}.values():
                     failures[svc.name] = str(e)
-                    self._let_go({a.key(svc.protocol): pool.pop(a.key(svc.protocol))
-                                  for a in svc.listen if a.key(svc.protocol) in pool})
+                    self._let_go({k: pool.pop(k) for k in keys(svc) if k in pool})
         return pool, failures
 
     def _let_go(self, listeners: dict[Key, Listener]) -> None:
@@ -109,12 +112,13 @@ class ListenerPool:
             made: dict[Key, Listener] = {}
             try:
                 for addr in svc.listen:
-                    key = addr.key(svc.protocol)
+                    key = addr.key(svc.protocol, svc.sockopts)
                     if key in self.pool or key in mine:
                         raise BindError(f"services.{svc.name}.listen: {addr} is already "
                                         f"another service's ({svc.where})")
                     try:
-                        made[key] = Listener.bind(addr, svc.protocol, svc.backlog)
+                        made[key] = Listener.bind(addr, svc.protocol, svc.backlog,
+                                                  svc.sockopts)
                     except OSError as e:
                         raise BindError(_bind_error(svc, addr, e)) from None
                     made[key].backlog = svc.backlog
@@ -128,11 +132,15 @@ class ListenerPool:
         return mine, failures
 
     def _listener(self, svc: Service, addr: Address) -> Listener:
-        listener = self.pool.get(addr.key(svc.protocol))
+        listener = self.pool.get(addr.key(svc.protocol, svc.sockopts))
         if listener is None:
-            listener = Listener.bind(addr, svc.protocol, svc.backlog)
-        elif listener.stream and svc.backlog != listener.backlog:
-            listener.sock.listen(svc.backlog)
+            listener = Listener.bind(addr, svc.protocol, svc.backlog, svc.sockopts)
+        else:
+            if listener.stream and svc.backlog != listener.backlog:
+                listener.sock.listen(svc.backlog)
+            problem = listener.configure(svc.sockopts)
+            if problem:
+                self.info(f"{svc.name}: {problem}")
         listener.backlog = svc.backlog
         return listener
 
@@ -147,7 +155,7 @@ class ListenerPool:
             del self.pool[key]
         try:
             for svc, addr in deferred:
-                pool[addr.key(svc.protocol)] = self._listener(svc, addr)
+                pool[addr.key(svc.protocol, svc.sockopts)] = self._listener(svc, addr)
                 self.info(f"{svc.name}: {addr} overlaps an address given up by this reload; "
                           "closed the old socket first")
         except OSError as e:
@@ -155,7 +163,8 @@ class ListenerPool:
                 pool.pop(key).close()  # first free the addresses, then
             for key, old in closed.items():  # put the old sockets back, as far as we can
                 try:
-                    again = Listener.bind(old.address, old.protocol, old.backlog)  # type: ignore[arg-type]
+                    again = Listener.bind(old.address, old.protocol, old.backlog,  # type: ignore[arg-type]
+                                          old.options)
                 except OSError:
                     continue
                 again.backlog = old.backlog

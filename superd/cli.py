@@ -15,7 +15,7 @@ from typing import Any, TextIO
 
 from superd import __version__, control, yamlsrc
 from superd.config import Settings, Table, load_table, read_table, table_path
-from superd.listeners import Listener
+from superd.listeners import AF_VSOCK, Listener
 from superd.yamlsrc import TableError
 
 EX_SOFTWARE = 70
@@ -40,15 +40,29 @@ def main(argv: list[str] | None = None) -> int:
     status.add_argument("-c", "--config")
     status.add_argument("--json", action="store_true")
     status.add_argument("services", nargs="*", metavar="SERVICE", help="only these services")
-    imp = sub.add_parser("import", help="translate inetd.conf or xinetd config to YAML on stdout")
-    imp.add_argument("kind", choices=("inetd", "xinetd"))
-    imp.add_argument("file")
+    imp = sub.add_parser("import", help="translate inetd.conf, xinetd config or a systemd "
+                                         "socket unit to YAML on stdout")
+    imp.add_argument("kind", choices=("inetd", "xinetd", "systemd"))
+    imp.add_argument("files", nargs="+", metavar="FILE",
+                     help="inetd: a file or a directory of them; xinetd: xinetd.conf or a "
+                          "directory; systemd: UNIT.socket [UNIT.service]")
     imp.add_argument("--check", action="store_true",
                      help="also print the check summary on stderr (the result is always "
                           "validated; exit 1 if it would not load)")
+    imp.add_argument("--flavour", choices=("debian", "freebsd", "openbsd", "inetutils"),
+                     help="inetd: read plain tcp/udp as this inetd does (else told by the file)")
+    imp.add_argument("--split", metavar="DIR",
+                     help="write DIR/superd.yaml and DIR/conf.d/NAME.yaml, one per input file")
     args = parser.parse_args(argv)
     if args.command == "run" and args.pidfile and not args.daemon:
         parser.error("--pidfile goes with --daemon")
+    if args.command == "import":
+        most = 2 if args.kind == "systemd" else 1
+        if len(args.files) > most:
+            parser.error(f"import {args.kind} takes "
+                         + ("UNIT.socket [UNIT.service]" if most == 2 else "one FILE"))
+        if args.flavour and args.kind != "inetd":
+            parser.error("--flavour goes with import inetd")
     return COMMANDS[args.command](args)
 
 
@@ -173,7 +187,10 @@ def _fatal(log: object, exc: BaseException) -> int:
 
 def _protocol_of(sock: socket.socket) -> str:
     if sock.family == socket.AF_UNIX:
-        return "unix" if sock.type == socket.SOCK_STREAM else "unix-dgram"
+        return {socket.SOCK_STREAM: "unix", socket.SOCK_SEQPACKET: "unix-seqpacket"}.get(
+            sock.type, "unix-dgram")
+    if sock.family == AF_VSOCK:
+        return "vsock"
     return "tcp" if sock.type == socket.SOCK_STREAM else "udp"
 
 
@@ -278,7 +295,8 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 def cmd_import(args: argparse.Namespace) -> int:
     from superd.importer import run_import
-    return run_import(args.kind, args.file, check=args.check)
+    return run_import(args.kind, args.files, check=args.check, flavour=args.flavour,
+                      split_dir=args.split)
 
 
 COMMANDS = {"import": cmd_import, "run": cmd_run, "check": cmd_check, "status": cmd_status,

@@ -18,7 +18,10 @@ from typing import Any
 
 from superd import fields
 from superd.fields import Backoff
-from superd.listeners import PROTOCOLS, Address
+from superd.listeners import PROTOCOLS, STREAM_PROTOCOLS, Address
+from superd.sockopts import DEFAULT as DEFAULT_SOCKOPTS
+from superd.sockopts import SocketOptions
+from superd.values import Missing
 from superd.yamlsrc import Document, Path, Problem, TableError, load
 
 DEFAULT_TABLE = "/etc/superd/superd.yaml"
@@ -78,6 +81,8 @@ class Service:
     log_on_success: frozenset[str] = frozenset({"pid", "host", "exit", "duration"})
     log_on_failure: frozenset[str] = frozenset({"host"})
     backoff: Backoff | None = Backoff()
+    # socket options (superd/sockopts.py: socket_user ... broadcast), one record
+    sockopts: SocketOptions = DEFAULT_SOCKOPTS
     function: Callable[..., Any] | None = field(default=None, compare=False, repr=False)
     python_source: str = field(default="", repr=False)  # sha256 of a FILE.py handler
     file: str = field(default="", compare=False)
@@ -85,7 +90,7 @@ class Service:
 
     @property
     def stream(self) -> bool:
-        return self.protocol in ("tcp", "unix")
+        return self.protocol in STREAM_PROTOCOLS
 
     @property
     def where(self) -> str:
@@ -340,7 +345,7 @@ def _service(doc: Document, name: str, defaults: dict[str, Any],
     protocol = raw.get("protocol", "tcp")
     ctx = fields.Context(name=name, table_dir=os.path.dirname(doc.file),
                          protocol=protocol if isinstance(protocol, str) and protocol in PROTOCOLS
-                         else "tcp")
+                         else "tcp", written=frozenset(raw))
     values: dict[str, Any] = {}
     for key, (src, path, value) in merged.items():
         parser = fields.SERVICE_KEYS.get(key)
@@ -350,7 +355,7 @@ def _service(doc: Document, name: str, defaults: dict[str, Any],
         try:
             values.update(parser(value, ctx))
         except ValueError as e:
-            problems.append(src.problem(path, str(e), isinstance(e, fields.Missing)))
+            problems.append(src.problem(path, str(e), isinstance(e, Missing)))
     if problems:
         return None, problems
     try:
@@ -358,7 +363,7 @@ def _service(doc: Document, name: str, defaults: dict[str, Any],
     except (fields.FieldError, fields.MissingField) as e:
         blame = next((k for k in e.keys if k in raw), None)
         problems.append(doc.problem(base + ((blame,) if blame else ()), str(e),
-                                    isinstance(e, fields.Missing)))
+                                    isinstance(e, Missing)))
         return None, problems
     return Service(name=name, file=doc.file, line=doc.line(base), **values), problems
 

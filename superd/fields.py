@@ -8,12 +8,10 @@ python handlers) are done here, once, so a mistake shows up in `superd check`, n
 
 from __future__ import annotations
 
-import grp
 import hashlib
 import importlib
 import ipaddress
 import os
-import pwd
 import re
 import resource
 import sys
@@ -22,7 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from superd.listeners import PROTOCOLS, parse_address
+from superd import sockopts
+from superd.listeners import PROTOCOLS, STREAM_PROTOCOLS, parse_address
+from superd.values import Missing, boolean, group_entry, integer, user_entry
 from superd.yamlsrc import check_owner
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -52,12 +52,7 @@ class Context:
     name: str
     table_dir: str
     protocol: str = "tcp"
-
-
-class Missing(ValueError):
-    """What the table names is not on the machine (yet): a user, a group, a program, a
-    directory, a handler's module. Unlike a mistake in the table, it can go away by itself
-    (a package installed, a user created), so superd tries such a service again."""
+    written: frozenset[str] = frozenset()  # the keys the service itself gives (not defaults)
 
 
 class MissingField(Missing):
@@ -79,20 +74,6 @@ class FieldError(ValueError):
 def _choice(options: tuple[str, ...], value: Any) -> str:
     if value not in options:
         raise ValueError(f"expected one of {', '.join(options)}, not {value!r}")
-    return value
-
-
-def boolean(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"expected true or false, not {value!r}")
-    return value
-
-
-def integer(value: Any, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"expected a whole number, not {value!r}")
-    if not low <= value <= high:
-        raise ValueError(f"{value} is out of range ({low} to {high})")
     return value
 
 
@@ -213,20 +194,14 @@ def _load_source(path: str, name: str) -> types.ModuleType:
 
 def user(value: Any, ctx: Context) -> dict[str, Any]:
     _no_nul(str(value), "the user name")
-    try:
-        entry = pwd.getpwuid(value) if isinstance(value, int) else pwd.getpwnam(str(value))
-    except (KeyError, OverflowError):
-        raise Missing(f"no such user {value!r}") from None
+    entry = user_entry(value)
     return {"user": entry.pw_name, "uid": entry.pw_uid, "gid": entry.pw_gid,
             "groups": tuple(os.getgrouplist(entry.pw_name, entry.pw_gid))}
 
 
 def group(value: Any, ctx: Context) -> dict[str, Any]:
     _no_nul(str(value), "the group name")
-    try:
-        entry = grp.getgrgid(value) if isinstance(value, int) else grp.getgrnam(str(value))
-    except (KeyError, OverflowError):
-        raise Missing(f"no such group {value!r}") from None
+    entry = group_entry(value)
     return {"group_gid": entry.gr_gid}
 
 
@@ -356,6 +331,8 @@ SERVICE_KEYS: dict[str, Callable[[Any, Context], dict[str, Any]]] = {
     "log_on_success": fields_subset("log_on_success", SUCCESS_FIELDS),
     "log_on_failure": fields_subset("log_on_failure", FAILURE_FIELDS),
     "backoff": lambda value, ctx: {"backoff": backoff(value)},
+    # socket options: socket_user ... broadcast (superd/sockopts.py)
+    **sockopts.KEYS,
 }
 
 
@@ -375,15 +352,15 @@ def whole_service(values: dict[str, Any], ctx: Context) -> dict[str, Any]:
         out["wait"] = False  # accepted and ignored (SPEC §2)
         for key in ("user", "uid", "gid", "groups"):
             out.pop(key, None)
-        if protocol in ("udp", "unix-dgram"):
+        if protocol not in STREAM_PROTOCOLS:
             for key in ("instances", "per_source"):
                 if out.get(key) is not None:
                     raise FieldError(key, f"{key} counts connections; an internal datagram "
                                           "service has none (rate: N/s limits its answers)")
-    elif protocol in ("udp", "unix-dgram") and not out.get("wait"):
+    elif protocol not in STREAM_PROTOCOLS and not out.get("wait"):
         raise FieldError(("wait", "protocol"), f"protocol {protocol} with wait: false is only "
                                                "for internal services; use wait: true")
-    if out.get("wait") and protocol in ("tcp", "unix"):
+    if out.get("wait") and protocol in STREAM_PROTOCOLS:
         for key in ("only_from", "no_access", "per_source"):
             if out.get(key):
                 raise FieldError(key, f"{key} cannot apply to a wait: true stream service: its "
@@ -398,4 +375,11 @@ def whole_service(values: dict[str, Any], ctx: Context) -> dict[str, Any]:
         out["program"] = program
     elif out.get("program"):
         raise FieldError("program", "program goes with exec")
+    abstract = bool(out.get("listen")) and all(a.abstract for a in out["listen"])
+    misfit = sockopts.misfit(ctx.written, protocol, bool(out.get("wait")), abstract)
+    if misfit:
+        raise FieldError(*misfit)
+    out["sockopts"] = sockopts.build(out, protocol, abstract)
+    if out.get("internal") == "echo" and protocol == "unix-seqpacket":
+        out["internal"] = "echo-packet"  # one reply per message: the boundaries are kept
     return out

@@ -12,6 +12,7 @@ import itertools
 import socket
 import struct
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,6 +21,8 @@ from superd.loop import READ, WRITE, Loop, Timer
 RFC868_EPOCH = 2208988800  # seconds from 1900-01-01 to 1970-01-01
 CHUNK = 65536
 SESSION_BUFFER = 64 * 1024  # echo stops reading while this much of a session is unsent
+PACKET = 256 * 1024  # the largest seqpacket message read whole (a unix one fits its sndbuf)
+MAX_QUEUED = 64  # packet echo stops reading while this many messages are unsent
 READS_PER_TURN = 4  # recv calls per readiness before other clients get their turn
 TRIM_AFTER = 1 << 20  # once echo sessions held this much, give the heap back when they are done
 
@@ -57,7 +60,7 @@ class Budget:
     def __init__(self, limit: int, emptied: Callable[[], None]):
         self.limit, self.used = limit, 0
         self.emptied = emptied  # called when nothing is held any more after a lot was
-        self.waiting: set[Echo] = set()
+        self.waiting: set[Echo | PacketEcho] = set()
         self.peak = 0  # the most held since the sessions last held nothing
 
     def give_back(self, size: int) -> None:
@@ -221,6 +224,65 @@ class Echo(Session):
         super().close()
 
 
+class PacketEcho(Session):
+    """Echo on a SOCK_SEQPACKET socket: each message goes back as one message (a byte buffer
+    would join messages that arrive together). An empty message reads as the end, as recv()
+    cannot tell the two apart. What it holds counts in the echo budget too."""
+
+    def __init__(self, *args: object):
+        self.pending: deque[bytes] = deque()
+        self.eof = False
+        super().__init__(*args)  # type: ignore[arg-type]
+
+    def readable(self) -> None:
+        budget = self.budget
+        for _ in range(READS_PER_TURN):
+            if not self._may_read():
+                break
+            data = self.sock.recv(PACKET)
+            if not data:
+                self.eof = True
+                break
+            self.bytes_in += len(data)
+            self.pending.append(data)
+            budget.used += len(data)
+            budget.peak = max(budget.peak, budget.used)
+        self.flush()
+
+    def _may_read(self) -> bool:
+        return len(self.pending) < MAX_QUEUED and self.budget.used < self.budget.limit
+
+    def writable(self) -> None:
+        self.flush()
+
+    def wanted(self) -> int:
+        reading = not self.eof and self._may_read()
+        if not reading and not self.eof and len(self.pending) < MAX_QUEUED:
+            self.budget.waiting.add(self)
+        return (READ if reading else 0) | (WRITE if self.pending else 0)
+
+    def flush(self) -> None:
+        while self.pending:
+            try:
+                sent = self.sock.send(self.pending[0])
+            except BlockingIOError:
+                break
+            self.bytes_out += sent
+            self.budget.give_back(len(self.pending.popleft()))
+        if self.eof and not self.pending:
+            self.close()
+            return
+        self.watch(self.wanted())
+
+    def close(self) -> None:
+        if self.pending and not self.closed:
+            held = sum(map(len, self.pending))
+            self.pending.clear()
+            self.budget.give_back(held)
+        self.budget.waiting.discard(self)
+        super().close()
+
+
 class Discard(Session):
     """Reading and dropping is what Session does by default."""
 
@@ -297,6 +359,7 @@ class Builtin:
 
 BUILTINS = {b.name: b for b in (
     Builtin("echo", Echo, lambda data: data),
+    Builtin("echo-packet", PacketEcho, lambda data: data),
     Builtin("discard", Discard, lambda data: None),
     Builtin("chargen", Chargen, _chargen_datagram),
     Builtin("daytime", Daytime, lambda data: daytime_text()),

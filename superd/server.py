@@ -16,7 +16,7 @@ import time
 import traceback
 from typing import Any
 
-from superd.binding import ListenerPool
+from superd.binding import ListenerPool, keys
 from superd.config import Service, Table, read_table
 from superd.control import ControlSocket
 from superd.listeners import Key, Listener
@@ -195,16 +195,15 @@ class Server:
         pool, bind_failures = self.listeners.bind(list(table.enabled))
         plan = make_plan(table, self.running(), bind_failures)
         for name in list(plan.kept):  # a kept service keeps its sockets
-            for key in (a.key(plan.run[name].protocol) for a in plan.run[name].listen):
-                if key in pool or key not in self.listeners.pool:
-                    del plan.run[name]
-                    reason = f"{plan.kept.pop(name)}; its old address is another's now"
-                    plan.failed[name] = NotRunning(f"{table.path}", reason)
-                    break
-            else:
-                for a in plan.run[name].listen:
-                    pool[a.key(plan.run[name].protocol)] = self.listeners.pool[
-                        a.key(plan.run[name].protocol)]
+            if plan.run[name].name in self.listeners.passed:
+                continue
+            old = keys(plan.run[name])
+            if any(key in pool or key not in self.listeners.pool for key in old):
+                del plan.run[name]
+                reason = f"{plan.kept.pop(name)}; its old address is another's now"
+                plan.failed[name] = NotRunning(f"{table.path}", reason)
+                continue
+            pool.update({key: self.listeners.pool[key] for key in old})
         self.install(table, plan.run, pool)
         self.retries.clear()
         for name, why in plan.failed.items():

@@ -203,9 +203,9 @@ class _Converter:
                                 "given twice"))
                     continue
                 out[key] = self.convert(value_node, path + (key,), depth + 1)
-                if not isinstance(value_node, ScalarNode):
-                    # A block mapping or list starts on the line after its key: a problem
-                    # with the whole of it (a service, a listen list) is told at the key.
+                if path == ("services",) and not isinstance(value_node, ScalarNode):
+                    # A service's block mapping starts on the line after its name: a problem
+                    # with the service as a whole is told at its name.
                     self.doc.lines[path + (key,)] = key_node.start_mark.line + 1
             return out
         raise _Refused(line, f"unsupported YAML node {type(node).__name__}")

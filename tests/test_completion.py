@@ -51,7 +51,7 @@ def test_bash_completes_commands_and_every_option_of_each():
     for command in cli.COMMANDS:
         offered = set(complete(f"superd {command} --"))
         assert offered == long_options(command), command
-    assert complete("superd import ") == ["inetd", "xinetd"]
+    assert complete("superd import ") == ["inetd", "systemd", "xinetd"]
     assert complete("superd run --daemon --p") == ["--pidfile"]
 
 
@@ -65,7 +65,8 @@ def test_bash_completes_files_where_a_file_goes(tmp_path):
         ["tables/edge.yaml", "tables/edge.yml.bak"]
     assert complete("superd import inetd tables/i", cwd=tmp_path) == ["tables/inetd.conf"]
     assert complete("superd run --daemon --pidfile tab", cwd=tmp_path) == ["tables"]
-    assert complete("superd import inetd tables/inetd.conf ", cwd=tmp_path) == []
+    # several files (import systemd UNIT.socket UNIT.service): files after the first too
+    assert complete("superd import systemd tables/inetd.conf ", cwd=tmp_path) == ["tables"]
 
 
 def test_bash_completes_the_running_daemons_service_names(superd, tmp_path):

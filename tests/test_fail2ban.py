@@ -57,7 +57,7 @@ def test_the_filter_matches_every_fail_line_with_an_address_and_nothing_else(
         superd, tmp_path, rsyslog):
     ports = {name: free_port() for name in
              ("acl", "acl6", "busy", "persrc", "slow", "gone", "ok", "cat", "crash", "nohost",
-              "one")}
+              "one", "tftp")}
     gone = tmp_path / "gone.sh"
     gone.write_text("#!/bin/sh\nexit 0\n")
     gone.chmod(0o755)
@@ -80,6 +80,9 @@ def test_the_filter_matches_every_fail_line_with_an_address_and_nothing_else(
                    "only_from": ["192.0.2.1"], "log_on_failure": ["attempt"]},
         "unixacl": {"listen": str(unix), "protocol": "unix", "internal": "echo",
                     "only_from": ["127.0.0.1"]},
+        # A refused datagram's FAIL line: its source is whatever the sender wrote.
+        "tftp": {"listen": f"127.0.0.1:{ports['tftp']}", "protocol": "udp", "wait": True,
+                 "exec": ["/bin/true"], "only_from": ["192.0.2.0/24"]},
     })
     # A second daemon for process_limit: max_children counts the handlers of all services.
     d1 = superd({"one": {"listen": f"127.0.0.1:{ports['one']}", "exec": cat}},
@@ -94,19 +97,28 @@ def test_the_filter_matches_every_fail_line_with_an_address_and_nothing_else(
     with connect("127.0.0.1", ports["slow"]):
         d.wait_log(r"^FAIL: slow timeout from=127\.0\.0\.1$")
     os.unlink(gone)
-    assert tcp_exchange("127.0.0.1", ports["gone"], b"") == b""
+    for _ in range(5):  # five starts that fail in a row: BACKOFF
+        with connect("127.0.0.1", ports["gone"], 10) as s:
+            try:
+                assert s.recv(10) == b""  # closed: its handler could not be started
+            except ConnectionResetError:
+                pass
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(5)
         s.connect(str(unix))
         assert s.recv(10) == b""
     assert tcp_exchange("127.0.0.1", ports["ok"], b"ok\n", expect_len=3) == b"ok\n"
     assert tcp_exchange("127.0.0.1", ports["cat"], b"") == b"hi\n"
-    for _ in range(5):  # five quick non-zero exits: BACKOFF
+    for _ in range(5):  # five non-zero exits: no BACKOFF (nothing a client can trigger)
         tcp_exchange("127.0.0.1", ports["crash"], b"")
-    d.wait_log(r"^BACKOFF: crash 1s$")
+    d.wait_log(r"^BACKOFF: gone 1s$")
     d.wait_log(r"^FAIL: gone exec from=127\.0\.0\.1$")
     d.wait_log(r"^FAIL: unixacl address from=uid:\d+$")
     d.wait_log(r"^FAIL: nohost address$")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.sendto(b"\0\1file\0octet\0", ("127.0.0.1", ports["tftp"]))
+    d.wait_log(r"^FAIL: tftp address from=127\.0\.0\.1 \(datagram: its source is not "
+               r"verified\)$")
     d1.wait_log(r"^FAIL: one process_limit from=127\.0\.0\.1$")
     for s in held:
         s.close()
@@ -135,7 +147,8 @@ def test_the_filter_matches_every_fail_line_with_an_address_and_nothing_else(
     events = [x for x in lines if re.search(r": (START|EXIT|BACKOFF): ", x)]
     assert len(events) >= 10 and not set(events) & set(matched)
     unbannable = [x for x in lines if "FAIL: " in x and x not in fails]
-    assert len(unbannable) == 2, "from=uid:N and a FAIL line without host: nothing to ban"
+    assert len(unbannable) == 3, ("from=uid:N, a FAIL line without host and a refused "
+                                  "datagram's: nothing to ban")
 
     # The README used to promise that fail2ban's stock xinetd filter keeps working: with its
     # _daemon = xinetd it matches not one of superd's lines.

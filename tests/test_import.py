@@ -78,7 +78,10 @@ def test_fixture_imports_and_passes_superd_check(kind, path, tmp_path):
     r = imported(kind, path)
     assert r.returncode == 0, f"import exited {r.returncode}:\n{r.stderr}"
     n = len(yaml.safe_load(r.stdout)["services"] or {})
-    assert re.search(rf"^{re.escape(str(path))}: ok, {n} services$", r.stderr, re.M), r.stderr
+    left = len(re.findall(r"^superd import: (left out: |.* is commented out)", r.stderr, re.M))
+    assert re.search(rf"^{re.escape(str(path))}: ok, {n} services"
+                     + (rf"; {left} left out \(named above\)$" if left else "$"),
+                     r.stderr, re.M), r.stderr
     table = tmp_path / "imported.yaml"
     table.write_text(r.stdout)
     table.chmod(0o644)
@@ -190,7 +193,7 @@ def test_inetd_exact_translations():
     assert deb["chargen"]["listen"] == "0.0.0.0:19" and deb["daytime"]["listen"] == "[::]:13"
     assert deb["tftp"] == {"listen": "69", "protocol": "udp", "wait": True, "user": "nobody",
                            "exec": ["in.tftpd", "-s", "/srv/tftp"],
-                           "program": "/usr/sbin/in.tftpd"}
+                           "program": "/usr/sbin/in.tftpd", "stderr": "socket"}
     assert deb["rsync"]["rate"] == "60/min"
     assert deb["ftp"]["exec"] == ["/usr/sbin/in.ftpd", "-l", "-A"] and "program" not in deb["ftp"]
     assert deb["shell"]["exec"] == ["in.rshd"] and deb["shell"]["program"] == "/usr/sbin/in.rshd"
@@ -201,6 +204,7 @@ def test_inetd_exact_translations():
     assert obsd["chargen"]["listen"] == ["127.0.0.1:19", "[::1]:19"]
     assert obsd["2323"]["listen"] == "127.0.0.1:2323"
     assert obsd["9999"]["exec"] == ["cat", "-u"]  # the continuation line
+    assert (obsd["9999"]["receive_buffer"], obsd["9999"]["send_buffer"]) == ("64K", "1M")
     assert obsd["11111"]["listen"] == "11111" and obsd["11111"]["exec"] == ["/bin/cat"]
     assert obsd["log.sock"]["protocol"] == "unix-dgram" and obsd["log.sock"]["wait"] is True
     fbsd = all_services(ok_output("inetd", FIXTURES / "inetd" / "freebsd.conf"))
@@ -215,11 +219,13 @@ def test_inetd_exact_translations():
     ("debian.conf", "(TCP wrappers) left out: superd runs /usr/sbin/in.ftpd itself"),
     ("debian.conf", "nowait.60: inetd stops the service for 10 minutes"),
     ("openbsd.conf", "TCPMUX (RFC 1078)"),
-    ("openbsd.conf", ",rcvbuf=64k,sndbuf=1m -- superd does not set socket buffer sizes"),
+    ("openbsd.conf", "tcp: IPv4 and IPv6, as Debian 12's openbsd-inetd reads it (nothing in "
+                     "the file names its inetd)"),
     ("openbsd.conf", "host name localhost resolved now"),
     ("openbsd.conf", "too few fields"),
     ("openbsd.conf", "socket type raw"),
-    ("freebsd.conf", "is an overlapping address as services.daytime"),
+    ("freebsd.conf", "tcp: IPv4 only, as FreeBSD's inetd reads it (the file has FreeBSD's "
+                     "$FreeBSD$ mark)"),
     ("freebsd.conf", "FreeBSD's connections per IP per minute"),
     ("freebsd.conf", "login classes"),
 ])
@@ -315,29 +321,30 @@ def test_xinetd_fields_round_trip():
     assert s["rsync"] == {
         "listen": "873", "wait": False, "exec": ["rsync", "--daemon", "--config=/etc/rsyncd.conf"],
         "program": "/usr/bin/rsync", "user": "root", "instances": 30, "per_source": 4,
-        "rlimits": {"nofile": 256, "as": 64 << 20, "cpu": 60}}
+        "rlimits": {"nofile": 256, "as": 64 << 20, "cpu": 60}, "stderr": "socket"}
     assert s["git"] == {
         "listen": "127.0.0.1:9418", "wait": False, "user": "nobody", "group": "nogroup",
         "exec": ["git", "daemon", "--inetd", "--export-all", "--base-path=/srv/git", "/srv/git"],
         "program": "/usr/bin/git", "umask": "027", "nice": 10,
         "env": {"HOME": "/srv/git", "GIT_HTTP_MAX_REQUEST_BUFFER": "100M"},
-        "passenv": ["LANG", "TZ"],
+        "passenv": ["LANG", "TZ"], "stderr": "socket",
         "only_from": ["127.0.0.1/32", "192.168.1.0/24", "192.168.2.0/24", "::1"]}
     assert s["tftp"] == {
         "listen": "0.0.0.0:69", "protocol": "udp", "wait": True, "user": "root",
         "exec": ["in.tftpd", "-s", "/srv/tftp", "-u", "tftp"], "program": "/usr/sbin/in.tftpd",
-        "per_source": 11, "rate": "100/s"}
+        "per_source": 11, "rate": "100/s", "stderr": "socket"}
     assert s["time-stream"] == {"listen": "37", "wait": False, "internal": "time",
                                 "user": "root", "only_from": ["127.0.0.1/32", "::1"]}
     assert s["echo-stream"]["disabled"] and s["echo-dgram"]["disabled"]
     assert s["echo-dgram"]["protocol"] == "udp" and s["echo-dgram"]["internal"] == "echo"
     assert s["catd"] == {
         "listen": "20020", "wait": False, "exec": ["cat"], "program": "/bin/cat",
-        "user": "nobody", "only_from": ["0.0.0.0/0", "::/0"],
+        "user": "nobody", "only_from": ["0.0.0.0/0", "::/0"], "stderr": "socket",
         "log_on_success": ["pid", "host", "exit"], "log_on_failure": ["attempt"]}
     assert s["ftp"]["exec"] == ["/usr/sbin/in.ftpd", "-l"] and "program" not in s["ftp"]
     assert s["ftp"]["user"] == "root" and s["ftp"]["instances"] == 4 and s["ftp"]["nice"] == 10
     assert s["ftp"]["only_from"] == ["198.51.100.0/24"]
+    assert s["ftp"]["nodelay"] is True  # flags NODELAY
     assert s["ftp"]["disabled"] is True  # its no_access names a host superd cannot match
     assert s["svn"]["listen"] == "3690" and s["svn"]["exec"] == ["svnserve", "-i", "-r", "/srv/svn"]
     assert s["daytime-udp"] == {"listen": "0.0.0.0:13", "protocol": "udp", "wait": True,
@@ -355,7 +362,7 @@ def test_xinetd_fields_round_trip():
     "only_from ftp.example.org -- host, domain and network names",
     "only_from .example.net", "no_access badhost.example.com",
     "max_load = 2.5", "log_type = FILE /var/log/ftp.log", "groups = no",
-    "flags NODELAY", "flags REUSE: superd always sets SO_REUSEADDR",
+    "flags REUSE: superd always sets SO_REUSEADDR",
     "user = ftp -- given twice: xinetd keeps the first", "rlimit_stack = 8M",
     "cps 25 30: xinetd turned the service off for 30 s", "mdns = yes",
     "colour = blue -- not an xinetd service attribute", "no such user 'svn'",

@@ -157,9 +157,9 @@ def test_reload_is_reloading_then_ready_and_status_counts_connections(superd):
     wait_until(lambda: any(s.startswith("3 services") for s in statuses(d)), 5,
                "STATUS= with 3 services")
 
-    # A bad table: RELOADING=1, READY=1 again, and the running table stays.
+    # A table that cannot be read: RELOADING=1, READY=1 again, and the running table stays.
     idx = d.notify_index()
-    d.write_table(text="services: {broken: {listen: nowhere}}\n")
+    d.write_table(text="services: {broken: {listen: nowhere\n")
     d.proc.send_signal(signal.SIGHUP)
     r = d.wait_notify("RELOADING=1", idx)
     d.wait_notify("READY=1", r)
@@ -598,11 +598,11 @@ def test_superd_service_under_real_systemd(container):
         "hold": {"listen": f"127.0.0.1:{pk}", "exec": ["/bin/sh", "-c", hold]},
     }
     try:
-        # A table that does not load: superd exits 1 before READY=1, so the start fails.
-        _write_table(box, {"bad": {"listen": f"127.0.0.1:{pe}", "exec": ["/nonexistent"]}})
+        # A table that cannot be read at all: superd exits 1 before READY=1, the start fails.
+        (box.etc / "superd.yaml").write_text("services: {bad: [\n")
         r = box.run(["systemctl", "start", "superd"], check=False)
         assert r.returncode != 0, r
-        assert re.search(r"^/etc/superd/superd\.yaml:\d+: services\.bad\.exec: ",
+        assert re.search(r"^/etc/superd/superd\.yaml:\d+: YAML: ",
                          box.journal("-u", "superd", "-o", "cat"), re.M)
         box.run(["systemctl", "stop", "superd"])
         box.run(["systemctl", "reset-failed", "superd"], check=False)

@@ -47,7 +47,9 @@ _superd()
         esac
     done
     case $prev in
-        -c | --config | --pidfile) _superd_files "$cur"; return ;;
+        -c | --config | --pidfile | --split) _superd_files "$cur"; return ;;
+        --flavour) COMPREPLY=($(compgen -W "debian freebsd openbsd inetutils" -- "$cur"))
+            return ;;
     esac
     local options
     case $command in
@@ -65,11 +67,11 @@ _superd()
                 COMPREPLY=($(compgen -W "$(_superd_services)" -- "$cur"))
                 return
             fi ;;
-        import) options="--check --help"
+        import) options="--check --flavour --split --help"
             if [[ $cur != -* ]]; then
                 if ((positional == 0)); then
-                    COMPREPLY=($(compgen -W "inetd xinetd" -- "$cur"))
-                elif ((positional == 1)); then
+                    COMPREPLY=($(compgen -W "inetd xinetd systemd" -- "$cur"))
+                else
                     _superd_files "$cur"
                 fi
                 return

@@ -1,4 +1,5 @@
-"""`superd import inetd|xinetd FILE [--check]`: an existing inetd or xinetd setup as a superd table.
+"""`superd import inetd|xinetd|systemd FILE... [--check] [--split DIR]`: an existing inetd,
+xinetd or systemd socket-activated setup as a superd table.
 
 The YAML goes to stdout, every line of it explained: each service shows the input it came from,
 `note:` comments say where superd behaves differently, `not carried over:` comments keep what
@@ -19,57 +20,110 @@ import os
 import re
 import sys
 import tempfile
+from collections.abc import Callable
 
 from superd.config import Table, load_table
-from superd.importer import inetd, xinetd
-from superd.importer.common import Entry, Remark, Translation, assign_names, render, value_text
+from superd.importer import inetd, split, systemd, xinetd
+from superd.importer.common import (
+    Entry,
+    Remark,
+    Translation,
+    assign_names,
+    keep_socket_stderr,
+    render,
+    value_text,
+)
 from superd.yamlsrc import Problem, TableError
 
-TRANSLATORS = {"inetd": inetd.translate, "xinetd": xinetd.translate}
+TRANSLATORS: dict[str, Callable[..., Translation]] = {
+    "inetd": inetd.translate, "xinetd": xinetd.translate, "systemd": systemd.translate}
 
 
-def run_import(kind: str, file: str, check: bool = False) -> int:
-    """Print the translated table on stdout; report on stderr; 0 when the result loads."""
+def run_import(kind: str, files: list[str], check: bool = False, flavour: str | None = None,
+               split_dir: str | None = None) -> int:
+    """Print the translated table on stdout (or write it into `split_dir` as a conf.d/
+    layout); report on stderr; 0 when the result loads."""
     try:
-        t = TRANSLATORS[kind](file)
+        t = _translate(kind, files, flavour)
     except OSError as e:
-        print(f"superd import: {file}: cannot read: {e.strerror or e}", file=sys.stderr)
+        print(f"superd import: {e.filename or files[0]}: cannot read: {e.strerror or e}",
+              file=sys.stderr)
         return 1
-    assign_names(t.entries)
     t.header += ["It was checked with superd's own validator. All paths in it are absolute, so",
                  "it may be saved anywhere."]
     text, table, problems = settle(t)
-    sys.stdout.write(text)
-    for entry in t.entries:
-        if entry.unloadable:
-            print(f"superd import: {entry.source}: {entry.name} is commented out, it would not "
-                  f"load here: {entry.unloadable}", file=sys.stderr)
     if table is None:
+        sys.stdout.write(text)
         for p in problems:
             print(f"superd import: the result would not load: {p}", file=sys.stderr)
         return 1
+    if split_dir is not None:
+        try:
+            written, table = split.write(t, split_dir, os.path.basename(files[0]))
+        except (OSError, TableError) as e:
+            print(f"superd import: --split {split_dir}: {_why(e)}", file=sys.stderr)
+            return 1
+        print(f"superd import: wrote {', '.join(written)}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    left = report(t)
     if check:
-        skipped = not_carried_count(t)
-        if skipped:
-            print(f"{file}: {skipped} thing(s) not carried over; the comments in the output "
-                  "say why", file=sys.stderr)
-        print(f"{file}: ok, {len(table.services)} services", file=sys.stderr)
+        dropped, noted = counts(t)
+        if dropped or noted:
+            print(f"{files[0]}: {dropped} thing(s) not carried over, {noted} carried over with a "
+                  "note; the comments in the output say why", file=sys.stderr)
+        print(f"{files[0]}: ok, {len(table.services)} services"
+              + (f"; {left} left out (named above)" if left else ""), file=sys.stderr)
     return 0
 
 
-def translate(kind: str, file: str) -> tuple[Translation, str, Table | None]:
-    """For tests and tools: the settled translation, its text and the loaded table."""
-    t = TRANSLATORS[kind](file)
+def _translate(kind: str, files: list[str], flavour: str | None) -> Translation:
+    t = TRANSLATORS[kind](*files, **({"flavour": flavour} if kind == "inetd" else {}))
     assign_names(t.entries)
+    if kind in ("inetd", "xinetd"):
+        keep_socket_stderr(t)
+    return t
+
+
+def _why(e: Exception) -> str:
+    if isinstance(e, TableError):
+        return "; ".join(str(p) for p in e.problems)
+    return f"{getattr(e, 'filename', '') or ''}: {getattr(e, 'strerror', '') or e}".lstrip(": ")
+
+
+def report(t: Translation) -> int:
+    """Name on stderr every input entry left out (and every other input line not carried
+    over), and every service commented out because it would not load here; how many services
+    are missing from the table."""
+    left = 0
+    for item in t.items:
+        if isinstance(item, Remark) and item.left_out:
+            what = "left out" if item.service else "not carried over"
+            print(f"superd import: {what}: {item.left_out}", file=sys.stderr)
+            left += item.service
+        elif isinstance(item, Entry) and item.unloadable:
+            print(f"superd import: {item.source}: {item.name} is commented out, it would not "
+                  f"load here: {item.unloadable}", file=sys.stderr)
+            left += 1
+    return left
+
+
+def translate(kind: str, file: str, flavour: str | None = None) -> tuple[Translation, str,
+                                                                         Table | None]:
+    """For tests and tools: the settled translation, its text and the loaded table."""
+    t = _translate(kind, [file], flavour)
     text, table, _ = settle(t)
     return t, text, table
 
 
-def not_carried_count(t: Translation) -> int:
-    remarks = sum(1 for i in t.items if isinstance(i, Remark)
-                  and i.lines and i.lines[0].startswith("not carried over"))
-    return (remarks + len(t.defaults_dropped)
-            + sum(len(e.dropped) + bool(e.unloadable) for e in t.entries))
+def counts(t: Translation) -> tuple[int, int]:
+    """(not carried over, carried over with a note): every comment of either kind."""
+    dropped = (sum(1 for i in t.items if isinstance(i, Remark) and i.left_out)
+               + len(t.defaults_dropped)
+               + sum(len(e.dropped) + bool(e.unloadable) for e in t.entries))
+    noted = sum(len(e.notes) for e in t.entries) + sum(
+        1 for n in t.defaults_notes if not n.startswith("from "))
+    return dropped, noted
 
 
 def settle(t: Translation) -> tuple[str, Table | None, list[Problem]]:

@@ -20,12 +20,14 @@ from typing import Any
 import yaml
 
 from superd.fields import NAME
+from superd.sockopts import KEYS as SOCKET_KEYS
 
 # The order keys are written in, so every imported service reads the same way.
 KEY_ORDER = (
     "listen", "protocol", "wait", "exec", "program", "internal", "user", "group", "umask",
-    "nice", "env", "passenv", "rlimits", "instances", "on_limit", "per_source", "rate",
-    "only_from", "no_access", "log_on_success", "log_on_failure", "disabled",
+    "nice", "cwd", "env", "passenv", "rlimits", "stderr", "instances", "on_limit", "per_source",
+    "rate", "timeout", "only_from", "no_access", "log_on_success", "log_on_failure",
+    "backlog", *SOCKET_KEYS, "disabled",
 )
 REAL_DAEMON_DIR = "/usr/sbin"  # where Debian's tcpd looks for a daemon named without a path
 EVERYONE = ["0.0.0.0/0", "::/0"]
@@ -46,6 +48,7 @@ class Entry:
     dropped: list[str] = field(default_factory=list)  # could not be carried over
     name: str = ""
     unloadable: str = ""  # why the service would not load on this machine
+    file: str = ""  # the input file it came from (for `--split`)
 
     def note(self, text: str) -> None:
         self.notes.append(text)
@@ -59,6 +62,9 @@ class Remark:
     """Comment lines standing on their own among the services."""
 
     lines: list[str]
+    left_out: str = ""  # "FILE:LINE: reason" of an input line not carried over
+    service: bool = False  # ...and that line was a service (an entry of its own)
+    file: str = ""  # the input file it came from (for `--split`)
 
 
 @dataclass
@@ -79,11 +85,29 @@ class Translation:
         return [i for i in self.items if isinstance(i, Entry)]
 
 
-def not_carried(where: str, reason: str, original: list[str]) -> Remark:
-    """A whole input entry superd cannot run, kept as comments with its reason."""
+def not_carried(where: str, reason: str, original: list[str], service: bool = True) -> Remark:
+    """A whole input entry superd cannot run (or another line that means something to the
+    peer: `service=False`), kept as comments with its reason."""
     lines = [f"not carried over: {where}: {reason}"]
     lines += [f"  {line}" for line in original]
-    return Remark(lines)
+    return Remark(lines, left_out=f"{where}: {reason}", service=service)
+
+
+# What inetd and xinetd give a handler as fd 2, and what superd's default would change.
+STDERR_HEADER = [
+    "Every program keeps the connection as its fd 2, as under inetd and xinetd",
+    "(`stderr: socket`). With `stderr: log`, superd's default, its error messages go to",
+    "syslog instead and its client no longer sees them (cvs pserver, for one, sends its",
+    "refusals on stderr: under `log` its client sees only the end of the connection).",
+]
+
+
+def keep_socket_stderr(t: Translation) -> None:
+    """inetd and xinetd dup the socket to fd 2 of every program they start: so does the
+    import, so nothing a client used to read is lost (the header says what `log` changes)."""
+    for e in t.entries:
+        if "exec" in e.keys:
+            e.keys["stderr"] = "socket"
 
 
 # ------------------------------------------------------------------------------------------
@@ -99,6 +123,8 @@ def scalar(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, int):
         return str(value)
+    if isinstance(value, float):
+        return repr(value)
     text = str(value)
     if _PLAIN.fullmatch(text):
         try:

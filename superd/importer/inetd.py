@@ -1,12 +1,14 @@
 """inetd.conf in, a `Translation` out (OpenBSD inetd as Debian ships it, plus the common dialects).
 
 One line, `service socket-type protocol wait/nowait[.max] user[:group] server argv...`, becomes
-one superd service. What the line means follows Debian's openbsd-inetd: `tcp`/`udp` listen on
-IPv4 and IPv6, `tcp4`/`tcp6` on one family, `addr:` alone on a line sets the address of the
-lines after it, a line starting with a blank continues the one before, `nowait.N` caps starts
-per minute. FreeBSD's `nowait/max-child/per-ip-rate/max-child-per-ip`, inetutils' `tcp6only` and
-Debian update-inetd's `#<off>#` (a disabled entry) are understood too. Anything superd cannot do
-stays in the output as a comment that says why.
+one superd service. What the line means follows Debian's openbsd-inetd: `tcp4`/`tcp6` listen on
+one family, `addr:` alone on a line sets the address of the lines after it, a line starting with
+a blank continues the one before, `nowait.N` caps starts per minute. Plain `tcp`/`udp` depends on
+the dialect (inetd_dialect.py: both families for Debian 12, IPv4 for the others). FreeBSD's
+`nowait/max-child/per-ip-rate/max-child-per-ip`, `:user:group:mode:/path` and `#@` IPsec lines,
+inetutils' `tcp6only` and directory of files, and Debian update-inetd's `#<off>#` (a disabled
+entry) are understood too. Anything superd cannot do stays in the output as a comment that says
+why.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import socket
 from collections.abc import Iterator
 
 from superd.fields import INTERNAL
+from superd.importer import inetd_dialect as dialect
 from superd.importer.common import (
+    STDERR_HEADER,
     Entry,
     Remark,
     Translation,
@@ -30,28 +34,44 @@ from superd.importer.common import (
 )
 
 OFF = "#<off>#"  # Debian's update-inetd comments a service out with this prefix
-# protocol suffix -> which families inetd listens on ("any" = IPv4 and IPv6)
-FAMILIES = {"": "any", "4": "4", "6": "6", "46": "any", "6only": "6"}
-SOCKET_TYPES = {"stream": "tcp", "dgram": "udp"}
+SOCKET_TYPES = {"stream": "tcp", "dgram": "udp", "seqpacket": "seqpacket"}
+UNIX_TYPES = {"stream": "unix", "dgram": "unix-dgram", "seqpacket": "unix-seqpacket"}
 
 
-def translate(path: str) -> Translation:
-    """Read an inetd.conf; raise OSError when it cannot be read."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        lines = f.read().splitlines()
-    short = os.path.basename(path)
+def translate(path: str, flavour: str | None = None) -> Translation:
+    """Read an inetd.conf, or a directory of them (inetutils' /etc/inetd.d); raise OSError
+    when it cannot be read. `flavour`: which inetd's reading (inetd_dialect), else detected."""
+    files = dialect.files_of(path)
+    texts = []
+    for file in files:
+        with open(file, encoding="utf-8", errors="replace") as f:
+            texts.append((file, f.read().splitlines()))
+    why = "given with --flavour"
+    if flavour is None:
+        flavour, why = dialect.detect([line for _, lines in texts for line in lines])
     t = Translation("inetd", path, header=[
         f"superd service table imported from {path} by `superd import inetd`.",
         "Each service shows the inetd.conf line it came from. `note:` lines say where superd",
         "behaves differently; `not carried over:` lines are what superd cannot do, and why.",
+        f"Read as {dialect.LABELS[flavour]} reads it ({why}).",
         "superd does not read /etc/hosts.allow or /etc/hosts.deny (TCP wrappers): write such",
-        "rules as only_from / no_access. A handler's stderr goes to the log, not to the client",
-        "as under inetd (add `stderr: socket` where a program relies on that).",
+        "rules as only_from / no_access.", *STDERR_HEADER,
         "See docs/migrating.md for the whole mapping.",
     ])
+    for file, lines in texts:
+        first = len(t.items)
+        if len(files) > 1 or file != path:
+            t.items.append(Remark([f"from {file}:"]))
+        _read_file(t, lines, os.path.basename(file), flavour, why)
+        for item in t.items[first:]:
+            item.file = os.path.basename(file)
+    return t
+
+
+def _read_file(t: Translation, lines: list[str], short: str, flavour: str, why: str) -> None:
     pending: list[str] = []  # comments waiting to see whether an entry follows them
     default_host = "*"
-    for number, text, disabled, comments in _logical_lines(lines, pending, t):
+    for number, text, disabled, comments in _logical_lines(lines, pending, t, short):
         where = f"{short}:{number}"
         fields = text.split()
         host, service, rest = _host_prefix(fields)
@@ -62,19 +82,22 @@ def translate(path: str) -> Translation:
                 f"  sets the listen address of the lines below to {host}"
                 + (" (every address)" if host == "*" else "") + "; applied to them"]))
             continue
-        item = _entry(where, text.strip(), host or default_host, service, rest, disabled)
+        item = _entry(where, text.strip(), host or default_host, service, rest, disabled,
+                      flavour)
         if isinstance(item, Entry):
             item.comments = comments
+            proto = rest[1].split(",")[0] if len(rest) > 1 else ""
+            if proto in ("tcp", "udp"):  # the one field the dialects read differently
+                item.note(dialect.plain_note(proto, flavour, why))
         else:
             item.lines[:0] = comments
         t.items.append(item)
     if pending:
         t.items.append(Remark(pending))
-    return t
 
 
-def _logical_lines(lines: list[str], pending: list[str],
-                   t: Translation) -> Iterator[tuple[int, str, bool, list[str]]]:
+def _logical_lines(lines: list[str], pending: list[str], t: Translation,
+                   short: str) -> Iterator[tuple[int, str, bool, list[str]]]:
     """Yield (line number, text, disabled, comments above) per entry; continuation lines
     (starting with a blank) are joined to their entry as inetd does."""
     i = 0
@@ -88,6 +111,12 @@ def _logical_lines(lines: list[str], pending: list[str],
             if pending:
                 t.items.append(Remark(pending[:]))
                 pending.clear()
+            continue
+        if stripped.startswith("#@"):  # FreeBSD: not a comment but an IPsec policy
+            if pending:
+                t.items.append(Remark(pending[:]))
+                pending.clear()
+            t.items.append(dialect.ipsec(f"{short}:{number}", stripped))
             continue
         if stripped.startswith("#") and not disabled:
             pending.append(stripped)
@@ -125,7 +154,7 @@ def _host_prefix(fields: list[str]) -> tuple[str, str | None, list[str]]:
 
 
 def _entry(where: str, text: str, host: str, service: str, rest: list[str],
-           disabled: bool) -> Entry | Remark:
+           disabled: bool, flavour: str = "debian") -> Entry | Remark:
     """One inetd.conf entry as a superd service, or a comment saying why it cannot be one."""
     original = [("#<off># " if disabled else "") + text]
     if len(rest) < 5:
@@ -136,49 +165,48 @@ def _entry(where: str, text: str, host: str, service: str, rest: list[str],
     if problem:
         return not_carried(where, problem, original)
     e = Entry(service.rsplit("/", 1)[-1], "", where, original)
-    problem = _address(e, host, service, socktype, proto, where)
+    problem = _address(e, host, service, socktype, proto, where, flavour)
     if problem:
         return not_carried(where, problem, original)
     if bufopts:
-        e.drop(where, f",{bufopts}", "superd does not set socket buffer sizes")
+        dialect.buffers(e, bufopts, where)
     problem = _wait(e, waitspec, where)
     if problem:
         return not_carried(where, problem, original)
     _user(e, userspec, where)
-    problem = _server(e, service, socktype, server, argv)
+    problem = _server(e, service, socktype, proto, server, argv, flavour)
     if problem:
         return not_carried(where, problem, original)
     return _finish(e, disabled)
 
 
 def _kind_problem(service: str, socktype: str, proto: str) -> str | None:
-    """Why superd cannot serve this kind of entry at all (tcpmux, RPC, ...), or None."""
+    """Why superd cannot serve this kind of entry at all (tcpmux, RPC...), or None."""
     if service.startswith("tcpmux/"):
-        return ("TCPMUX (RFC 1078) services: superd has no tcpmux multiplexer; give the service "
-                "a port of its own")
+        return ("TCPMUX (RFC 1078) services: superd has no tcpmux multiplexer; give the "
+                "service a port of its own")
     if proto.startswith("rpc/"):
         return "Sun RPC service: superd does not register services with the portmapper (rpcbind)"
     if "/" in service and not service.startswith("/"):
         return ("a '/' in the service name belongs to RPC (with an rpc/ protocol) or tcpmux; "
                 "this is neither")
     if socktype not in SOCKET_TYPES:
-        return f"socket type {socktype}: superd serves stream and dgram sockets only"
+        return (f"socket type {socktype}: superd serves stream, dgram and (on unix sockets) "
+                "seqpacket sockets only")
     return None
 
 
-def _address(e: Entry, host: str, service: str, socktype: str, proto: str,
-             where: str) -> str | None:
-    """Where the entry listens (listen, protocol, the name's suffix); a reason when nowhere."""
+def _address(e: Entry, host: str, service: str, socktype: str, proto: str, where: str,
+             flavour: str) -> str | None:
+    """Where the service listens (listen, protocol); a reason when it cannot be said."""
     if proto == "unix":
         if not service.startswith("/"):
             return "a unix socket needs an absolute path"
         e.keys["listen"] = service
-        e.keys["protocol"] = "unix" if socktype == "stream" else "unix-dgram"
+        e.keys["protocol"] = UNIX_TYPES[socktype]
         e.suffix = "unix"
-        if host != "*":
-            e.note(f"the address {host} does not apply to a unix socket (inetd ignores it too)")
-        return None
-    transport, family = proto[:3], FAMILIES.get(proto[3:])
+        return dialect.unix_file(e, host, flavour)
+    transport, family = proto[:3], dialect.family(proto[3:], flavour)
     if transport not in ("tcp", "udp") or family is None:
         return f"protocol {proto}: superd knows tcp, udp (with 4, 6, 46, 6only) and unix"
     if SOCKET_TYPES[socktype] != transport:
@@ -196,12 +224,17 @@ def _address(e: Entry, host: str, service: str, socktype: str, proto: str,
     return None
 
 
-def _server(e: Entry, service: str, socktype: str, server: str, argv: list[str]) -> str | None:
+def _server(e: Entry, service: str, socktype: str, proto: str, server: str, argv: list[str],
+            flavour: str) -> str | None:
     """What runs: a built-in, or a program (through tcpd or not); a reason when nothing can."""
     if server == "internal":
-        if service not in INTERNAL:
-            return f"internal service {service!r}: superd's built-ins are {', '.join(INTERNAL)}"
-        e.keys["internal"] = service
+        name = dialect.internal_name(service, proto, flavour)
+        if name not in INTERNAL:
+            return (f"internal service {service!r}: superd's built-ins are "
+                    f"{', '.join(INTERNAL)}" + (" (on a unix socket FreeBSD's inetd takes the "
+                                                "last part of the path: --flavour freebsd)"
+                                                if proto == "unix" else ""))
+        e.keys["internal"] = name
         return None
     if not server.startswith("/"):
         return f"server {server!r} is not an absolute path"

@@ -20,6 +20,7 @@ from superd.config import FACILITIES
 from superd.fields import INTERNAL
 from superd.importer import xinetd_values as xv
 from superd.importer.common import (
+    STDERR_HEADER,
     Entry,
     Remark,
     Translation,
@@ -87,9 +88,8 @@ def translate(path: str) -> Translation:
         "Each service shows the xinetd entry it came from. `note:` lines say where superd",
         "behaves differently; `not carried over:` lines are what superd cannot do, and why.",
         "xinetd built with libwrap also applied /etc/hosts.allow and /etc/hosts.deny; superd",
-        "does not: write such rules as only_from / no_access. A handler's stderr goes to the",
-        "log, not to the client as under xinetd (add `stderr: socket` where a program relies",
-        "on that). See docs/migrating.md for the whole mapping.",
+        "does not: write such rules as only_from / no_access.", *STDERR_HEADER,
+        "See docs/migrating.md for the whole mapping.",
     ])
     d = Defaults()
     svcs: list[Svc] = []
@@ -107,6 +107,7 @@ def translate(path: str) -> Translation:
                 svcs.append(got)
             else:
                 got.lines[:0] = item.comments
+                got.file = item.where.rsplit(":", 1)[0]  # for --split
                 t.items.append(got)
     _finish(t, d, svcs)
     return t

@@ -32,14 +32,13 @@ DROPPED = {
     "rlimit_rss": "superd's rlimits are nofile, nproc, as, cpu, core and fsize",
     "rlimit_stack": "superd's rlimits are nofile, nproc, as, cpu, core and fsize",
 }
+SOCKET_FLAGS = {"NODELAY": "nodelay", "KEEPALIVE": "keepalive"}
 FLAGS = {
     "REUSE": (False, "superd always sets SO_REUSEADDR"),
     "NOLIBWRAP": (False, "superd never consults TCP wrappers"),
     "NORETRY": (False, "superd never retries a start that failed (it logs FAIL and closes)"),
     "INTERCEPT": (True, "superd does not interpose on a wait service's traffic"),
     "IDONLY": (True, "superd does not ask the client's ident server (RFC 1413)"),
-    "NODELAY": (True, "superd does not set TCP_NODELAY on connections"),
-    "KEEPALIVE": (True, "superd does not set SO_KEEPALIVE on connections"),
     "LABELED": (True, "superd does not switch SELinux contexts"),
 }
 
@@ -79,12 +78,24 @@ def other(entry: Entry, seen: dict[str, Attr], flags: set[str]) -> None:
     for flag in sorted(flags):
         if flag == "DISABLE":
             entry.keys["disabled"] = True
+        elif flag in SOCKET_FLAGS:
+            socket_flag(entry, seen["flags"], flag)
         elif flag in FLAGS:
             dropped, why = FLAGS[flag]
             (entry.drop(seen["flags"].where, f"flags {flag}", why) if dropped
              else entry.note(f"flags {flag}: {why}"))
         elif flag not in ("IPV4", "IPV6", "NAMEINARGS", "SENSOR"):
             entry.drop(seen["flags"].where, f"flags {flag}", "not an xinetd flag")
+
+
+def socket_flag(entry: Entry, flags: Attr, flag: str) -> None:
+    """NODELAY and KEEPALIVE: xinetd sets them on a TCP service's connections; so does superd
+    (on the listening socket, from which Linux copies them)."""
+    if entry.keys.get("protocol", "tcp") != "tcp":
+        entry.drop(flags.where, f"flags {flag}", "a TCP option: xinetd sets it on TCP "
+                                                 "services only")
+        return
+    entry.keys[SOCKET_FLAGS[flag]] = True
 
 
 def cps(keys: dict, note: Note, drop: xv.Drop, a: Attr) -> None:

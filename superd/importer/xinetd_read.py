@@ -61,6 +61,7 @@ class Reader:
             lines = f.read().splitlines()
         stack = stack + (os.path.realpath(path),)
         short = self.short(path)
+        first = len(self.items)
         pending: list[str] = []
         i = 0
         for _ in range(len(lines) + 1):  # each round consumes at least one line
@@ -92,8 +93,12 @@ class Reader:
             else:
                 self._flush(pending)
                 self.items.append(not_carried(where, "not a service, defaults, include or "
-                                                     "includedir line (xinetd skips it)", [line]))
+                                                     "includedir line (xinetd skips it)", [line],
+                                              service=False))
         self._flush(pending)
+        for item in self.items[first:]:  # those of included files are theirs already
+            if isinstance(item, Remark) and not item.file:
+                item.file = short
 
     def _flush(self, pending: list[str]) -> None:
         if pending:
@@ -145,7 +150,7 @@ class Reader:
                 names = sorted(os.listdir(full), key=os.fsencode)
             except OSError as e:
                 self.items.append(not_carried(where, f"cannot read {full}: {e.strerror}",
-                                              [line]))
+                                              [line], service=False))
                 return
             skipped = [n for n in names if "." in n or n.endswith("~")]
             files = [os.path.join(full, n) for n in names if n not in skipped
@@ -158,10 +163,11 @@ class Reader:
         self.items.append(Remark(lines))
         for file in files:
             if os.path.realpath(file) in stack or len(stack) >= MAX_DEPTH:
-                self.items.append(not_carried(where, f"{file} includes itself (a loop)", [line]))
+                self.items.append(not_carried(where, f"{file} includes itself (a loop)", [line],
+                                              service=False))
                 continue
             try:
                 self.read(file, stack)
             except OSError as e:
                 self.items.append(not_carried(where, f"cannot read {file}: {e.strerror}",
-                                              [line]))
+                                              [line], service=False))

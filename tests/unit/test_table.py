@@ -168,7 +168,7 @@ def test_a_python_handler_is_imported_at_load(tmp_path):
 # -- every key: values that do not load, and what superd check says ---------------------------
 
 BAD = [
-    ("protocol", "sctp", "expected one of tcp, udp, unix, unix-dgram, not 'sctp'"),
+    ("protocol", "sctp", "expected one of tcp, udp, unix, unix-dgram, unix-seqpacket, vsock, not 'sctp'"),
     ("wait", "maybe", "expected true or false, not 'maybe'"),
     ("wait", "1", "expected true or false, not 1"),
     ("program", "bin/cat", "expected an absolute path, not 'bin/cat'"),
@@ -272,7 +272,7 @@ BAD_LISTEN = [
     ('":7"', "expected PORT, HOST:PORT or [V6]:PORT, not ':7'"),
     ("7.5", "expected PORT, HOST:PORT or [V6]:PORT, not 7.5"),
     ("true", "expected PORT, HOST:PORT or [V6]:PORT, not True"),
-    ("/run/x.sock", "a socket path needs protocol unix or unix-dgram, not tcp"),
+    ("/run/x.sock", "a unix socket needs protocol unix, unix-dgram or unix-seqpacket, not tcp"),
     ("[]", "expected at least one address"),
     ('[7, "x:1"]', "entry 2: 'x' is not an IPv4 address (write IPv6 as [ADDR]:PORT; names are "
                    "not resolved)"),
@@ -288,7 +288,7 @@ def test_a_bad_listen_address(tmp_path, text, message):
 def test_a_unix_protocol_needs_a_path(tmp_path):
     assert problems(tmp_path, service_with("protocol", "unix-dgram", base="internal: echo")) == [
         f"{tmp_path}/superd.yaml:3: services.s.listen: protocol unix-dgram needs an absolute "
-        "socket path, not 7"]
+        "socket path or an abstract @name, not 7"]
 
 
 BAD_EXEC = [
