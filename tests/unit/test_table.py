@@ -168,7 +168,8 @@ def test_a_python_handler_is_imported_at_load(tmp_path):
 # -- every key: values that do not load, and what superd check says ---------------------------
 
 BAD = [
-    ("protocol", "sctp", "expected one of tcp, udp, unix, unix-dgram, unix-seqpacket, vsock, not 'sctp'"),
+    ("protocol", "sctp",
+     "expected one of tcp, udp, unix, unix-dgram, unix-seqpacket, vsock, not 'sctp'"),
     ("wait", "maybe", "expected true or false, not 'maybe'"),
     ("wait", "1", "expected true or false, not 1"),
     ("program", "bin/cat", "expected an absolute path, not 'bin/cat'"),
