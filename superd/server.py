@@ -42,8 +42,8 @@ class Server:
     def __init__(self, table: Table, log: Log, passed: dict[str, list[Listener]] | None = None):
         self.table = table
         self.log = log
-        self.notifier = Notifier()
         self.loop = Loop(self.handle_signal, HANDLED_SIGNALS, self.internal_error)
+        self.notifier = Notifier(self.loop.call_later)
         log.attach(self.loop)
         self.errors: list[float] = []
         self.processes = ProcessTable(

@@ -12,12 +12,35 @@ from collections.abc import Callable
 
 from systemd import daemon
 
+NOTIFY_RETRY = 0.5  # seconds between tries while systemd does not read its socket
+NOTIFY_QUEUE = 32  # notifications kept meanwhile; the oldest go first beyond
+LATEST_ONLY = ("STATUS=", "WATCHDOG=")  # a newer one of these makes an older one moot
+
+Later = Callable[[float, Callable[[], None]], object]
+
 
 class Notifier:
-    """sd_notify through systemd-python; silent when NOTIFY_SOCKET is not set."""
+    """sd_notify that never blocks the loop; silent when NOTIFY_SOCKET is not set.
 
-    def __init__(self) -> None:
-        self.enabled = bool(os.environ.get("NOTIFY_SOCKET"))
+    sd_notify(3) sends blocking: when systemd (PID 1, busy or stuck) lets its socket queue fill
+    up, the next send would hang the whole daemon, SIGTERM included. Here a notification that
+    does not fit waits in a short queue and is tried again every NOTIFY_RETRY seconds (through
+    `later`, the loop's call_later); a newer STATUS= or WATCHDOG= replaces a waiting one.
+    Addresses other than unix paths and @abstract names go through libsystemd as before.
+    """
+
+    def __init__(self, later: Later) -> None:
+        self.later = later
+        address = os.environ.get("NOTIFY_SOCKET", "")
+        self.enabled = bool(address)
+        self.address = ""  # a unix address superd sends to itself; "" = through libsystemd
+        self.sock: socket.socket | None = None
+        if address[:1] in ("/", "@"):
+            self.address = "\0" + address[1:] if address[0] == "@" else address
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self.sock.setblocking(False)
+        self.pending: list[str] = []
+        self.retrying = False
         usec = os.environ.get("WATCHDOG_USEC", "")
         pid = os.environ.get("WATCHDOG_PID", "")
         self.watchdog = (int(usec) / 1e6 if usec.isdigit() and int(usec) > 0
@@ -25,15 +48,47 @@ class Notifier:
 
     def notify(self, message: str) -> None:
         """Best effort: a notification lost (e.g. out of fds) must never stop the daemon."""
-        if self.enabled:
-            for _ in range(3):
-                try:
-                    daemon.notify(message)
-                    return
-                except InterruptedError:
-                    continue  # a signal arrived mid-send: READY=1 must not be lost to that
-                except OSError:
-                    return
+        if not self.enabled:
+            return
+        if message.startswith(LATEST_ONLY):
+            kind = message.split("=", 1)[0] + "="
+            self.pending = [m for m in self.pending if not m.startswith(kind)]
+        self.pending.append(message)
+        del self.pending[:-NOTIFY_QUEUE]
+        if not self.retrying:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send what waits, in order, until the socket is full again."""
+        self.retrying = False
+        while self.pending:
+            if not self._send(self.pending[0]):
+                if not self.retrying:
+                    self.retrying = True
+                    self.later(NOTIFY_RETRY, self.flush)
+                return
+            del self.pending[0]
+
+    def _send(self, message: str) -> bool:
+        """True when sent or beyond hope (dropped); False when it should wait."""
+        if self.sock is None:
+            try:
+                daemon.notify(message)
+            except OSError:
+                pass
+            return True
+        for _ in range(3):
+            try:
+                # sendto, not connect: systemd binds its socket anew on daemon-reexec
+                self.sock.sendto(message.encode(), self.address)
+                return True
+            except InterruptedError:
+                continue
+            except BlockingIOError:
+                return False
+            except OSError:
+                return True  # e.g. ENOENT, ECONNREFUSED: nobody there to tell
+        return True
 
 
 def passed_sockets() -> dict[str, list[socket.socket]]:
