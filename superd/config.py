@@ -8,6 +8,7 @@ collected, not raised one by one, so `superd check` can list them all (SPEC §1)
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 import socket
@@ -16,15 +17,25 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
 from typing import Any
 
-from superd import fields
+from superd import fields, fields_policy
+from superd.fields_policy import FACILITIES
+from superd.hostpatterns import Rule
 from superd.listeners import PROTOCOLS, Address
 from superd.yamlsrc import Document, Path, Problem, TableError, load
 
 DEFAULT_TABLE = "/etc/superd/superd.yaml"
-FACILITIES = (
-    "kern user mail daemon auth syslog lpr news uucp cron authpriv ftp "
-    "local0 local1 local2 local3 local4 local5 local6 local7"
-).split()
+__all__ = ["FACILITIES", "Service", "Settings", "Table", "load_table", "table_path"]
+
+
+@dataclass(frozen=True)
+class ServiceLog:
+    """A service's own log target: syslog facility and level, or a file (superd/log.py)."""
+
+    service: str
+    facility: str = ""
+    level: str = ""
+    file: str = ""
+    limits: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -37,6 +48,8 @@ class Settings:
     control_socket: str = "/run/superd/control.sock"
     max_children: int = 1000
     shutdown_grace: float = 5.0
+    # Where each service's lines go, when not to settings.syslog (from the services' keys).
+    service_logs: tuple[ServiceLog, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -60,7 +73,7 @@ class Service:
     cwd: str = "/"
     env: tuple[tuple[str, str], ...] = ()
     passenv: tuple[str, ...] = ()
-    rlimits: tuple[tuple[str, int], ...] = ()
+    rlimits: tuple[tuple[str, int, int], ...] = ()  # name, soft, hard
     instances: int | None = None
     on_limit: str = "queue"
     per_source: int | None = None
@@ -73,6 +86,34 @@ class Service:
     disabled: bool = False
     log_on_success: frozenset[str] = frozenset({"pid", "host", "exit", "duration"})
     log_on_failure: frozenset[str] = frozenset({"host"})
+    # -- access, policy and execution (issue 14; parsers in superd/fields_policy.py) -------
+    only_from_names: tuple[str, ...] = ()  # host names and .domains of only_from
+    no_access_names: tuple[str, ...] = ()
+    lookup_timeout: float = 5.0  # seconds a connection may wait for DNS or ident
+    tcp_wrappers: str = ""  # the daemon name hosts.allow/deny know it by; "": off
+    env_file: tuple[str, ...] = ()  # (read into env at load)
+    syslog_facility: str = ""
+    syslog_level: str = ""
+    log_file: str = ""
+    log_file_limits: tuple[int, int] | None = None  # soft, hard (bytes)
+    redirect: tuple[int, str | tuple[str, int]] | None = None  # (family, address)
+    rules: tuple[Rule, ...] = ()
+    per_source_rate: tuple[int, float] | None = None
+    ident: str = ""  # "on", "required" (IDONLY) or ""
+    host_env: bool = False
+    banner: bytes = b""
+    banner_success: bytes = b""
+    banner_fail: bytes = b""
+    access_times: tuple[tuple[int, int], ...] = ()  # (first, last) minute of the day
+    sensor: bool = False
+    sensor_bans: bool = False  # a sensor is in the table: refuse who it caught
+    deny_time: float = 3600.0  # seconds; inf: until superd restarts; 0: never
+    max_load: float = 0.0
+    chroot: str = ""
+    no_new_privileges: bool = False
+    capabilities: tuple[int, ...] = ()  # ambient
+    capability_bounding_set: tuple[int, ...] | None = None
+    # ---------------------------------------------------------------------------------------
     function: Callable[..., Any] | None = field(default=None, compare=False, repr=False)
     file: str = field(default="", compare=False)
     line: int = field(default=0, compare=False)
@@ -98,7 +139,11 @@ class Table:
 
 
 # Service keys that `defaults:` may not set: they say what a service *is*, not how it runs.
-NOT_DEFAULTABLE = {"listen", "protocol", "exec", "program", "internal", "python"}
+NOT_DEFAULTABLE = {"listen", "protocol", "exec", "program", "internal", "python", "redirect",
+                   "sensor"}
+# Every service key: fields.py's, and issue 14's from fields_policy.py (which also replaces
+# the parsers of listen, only_from and no_access with ones that take host names).
+SERVICE_KEYS = {**fields.SERVICE_KEYS, **fields_policy.KEYS}
 
 
 def table_path(option: str | None) -> str:
@@ -121,7 +166,7 @@ def load_table(path: str) -> Table:
     settings = _settings(main, problems)
     defaults = _mapping(main, ("defaults",), problems)
     for key in defaults:
-        if key in NOT_DEFAULTABLE or key not in fields.SERVICE_KEYS:
+        if key in NOT_DEFAULTABLE or key not in SERVICE_KEYS:
             problems.append(main.problem(("defaults", key), "not a key defaults may set"))
     entries: list[tuple[Document, str]] = []
     files = [path]
@@ -139,11 +184,26 @@ def load_table(path: str) -> Table:
         seen[name] = svc
         services.append((svc, doc))
     _check_addresses(services, problems)
+    services = _with_sensors(services)
     if problems:
         order = {f: i for i, f in enumerate(files)}
         problems.sort(key=lambda p: (order.get(p.file, -1), p.line or 0))
         raise TableError(problems)
+    enabled = [svc for svc, _ in services if not svc.disabled]
+    logs = tuple(ServiceLog(s.name, s.syslog_facility, s.syslog_level, s.log_file,
+                            s.log_file_limits) for s in enabled
+                 if s.syslog_facility or s.syslog_level or s.log_file)
+    if logs:
+        settings = dataclasses.replace(settings, service_logs=logs)
     return Table(path, settings, tuple(svc for svc, _ in services))
+
+
+def _with_sensors(services: list[tuple[Service, Document]]) -> list[tuple[Service, Document]]:
+    """With a sensor in the table, every service superd accepts for refuses who it caught."""
+    if not any(svc.sensor and not svc.disabled for svc, _ in services):
+        return services
+    return [(dataclasses.replace(svc, sensor_bans=True) if svc.stream and not svc.wait
+             else svc, doc) for svc, doc in services]
 
 
 def _collect(doc: Document, stack: list[str], entries: list[tuple[Document, str]],
@@ -262,7 +322,7 @@ def _service(doc: Document, name: str, defaults: dict[str, Any], main: Document,
     values: dict[str, Any] = {}
     before = len(problems)
     for key, (src, path, value) in merged.items():
-        parser = fields.SERVICE_KEYS.get(key)
+        parser = SERVICE_KEYS.get(key)
         if parser is None:
             problems.append(src.problem(path, "unknown key"))
             continue
@@ -273,7 +333,7 @@ def _service(doc: Document, name: str, defaults: dict[str, Any], main: Document,
     if len(problems) > before:
         return None
     try:
-        values = fields.whole_service(values, ctx)
+        values = fields.whole_service(fields_policy.whole(values, ctx), ctx)
     except fields.FieldError as e:
         blame = next((k for k in e.keys if k in raw), None)
         problems.append(doc.problem(base + ((blame,) if blame else ()), str(e)))

@@ -85,7 +85,9 @@ class ServiceRuntime:
             if self.pipeline is not None and self.pipeline.waiting:
                 self.draining.append(self.pipeline)
             self.pipeline = Pipeline(
-                stages.build(config), admit=lambda conn: self.limits.admit(conn.peer),
+                stages.build(config, stages.Tools(self.loop, self.log,
+                                                  self.limits.per_peer.__getitem__)),
+                admit=lambda conn: self.limits.admit(conn.peer),
                 start=self.start_session if self.builtin is not None else self.start_handler,
                 refuse=self.refuse_connection, call_later=self.loop.call_later)
         self._stderr_pipe()

@@ -203,8 +203,8 @@ def _child(prep: Prepared, sock: socket.socket, env: dict[str, str], wait: bool,
 
 
 def _set_limits_and_identity(svc: Service) -> None:
-    for name, value in svc.rlimits:
-        resource.setrlimit(RLIMITS[name], (value, value))
+    for name, soft, hard in svc.rlimits:
+        resource.setrlimit(RLIMITS[name], (soft, hard))
     if svc.nice:
         os.setpriority(os.PRIO_PROCESS, 0, svc.nice)
     if svc.umask is not None:

@@ -14,6 +14,8 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from superd.safefile import read_regular
+
 NSSWITCH, HOSTS, RESOLV = "/etc/nsswitch.conf", "/etc/hosts", "/etc/resolv.conf"
 CHECK_EVERY = 2.0
 MAX_FILE = 4 << 20  # a hosts file bigger than this is not read whole
@@ -37,8 +39,7 @@ class Names:
 
 def _read(path: str) -> str:
     try:
-        with open(path, "rb") as f:
-            return f.read(MAX_FILE).decode("utf-8", "replace")
+        return read_regular(path, MAX_FILE).decode("utf-8", "replace")
     except OSError:
         return ""
 

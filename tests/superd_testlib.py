@@ -534,6 +534,9 @@ class Superd:
     log_offset: int = 0
     stopped_rc: int | None = None
     expect_rc: int = 0  # the exit status superd must end with (0 after SIGTERM)
+    # argv run in front of `python -m superd` (a program that execs the rest, keeping the pid:
+    # dns_lib.private_etc runs superd in a mount namespace of its own)
+    prefix: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -599,7 +602,7 @@ class Superd:
         self._out = open(self.stdout_path, "wb")
         self._err = open(self.stderr_path, "wb")
         self.proc = subprocess.Popen(
-            [PY, "-m", "superd", "run", "-c", str(self.table)],
+            [*self.prefix, PY, "-m", "superd", "run", "-c", str(self.table)],
             cwd=REPO, env=full_env, stdin=subprocess.DEVNULL, stdout=self._out,
             stderr=self._err, start_new_session=True)
         if wait_ready:
