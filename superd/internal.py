@@ -210,7 +210,7 @@ class Builtin:
     """One row of the built-in table: how to serve a stream connection and a datagram."""
 
     name: str
-    stream: type[Session]
+    stream: Callable[..., Session]  # (loop, sock, done, peer) -> Session
     datagram: Callable[[bytes], bytes | None]
 
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
-from superd import spawn, stages, stderr
+from superd import relay, spawn, stages, stderr
 from superd.accept import (
     accept_connections,
     answer_datagrams,
@@ -29,7 +29,7 @@ from superd.accept import (
 )
 from superd.access import allowed
 from superd.config import Service
-from superd.internal import BUILTINS, Session
+from superd.internal import Session
 from superd.limits import Limits
 from superd.listeners import Listener
 from superd.log import Log
@@ -78,7 +78,7 @@ class ServiceRuntime:
         self.config = config
         self.name = config.name
         self.prepared = spawn.prepare(config, dict(os.environ))
-        self.builtin = BUILTINS.get(config.internal)
+        self.builtin = relay.builtin_for(config, self.log)  # internal, redirect or None
         self.limits.configure(config, None if self.builtin is not None else self.room)
         if config != old or self.pipeline is None:
             self.draining = [p for p in self.draining if p.waiting]
