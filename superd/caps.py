@@ -5,7 +5,8 @@ to the service's user and the exec, as ambient capabilities: a handler running a
 with `cap_net_bind_service` may bind port 80 and nothing more. `capability_bounding_set`
 (CapabilityBoundingSet=; a list of names to keep, or names each with `~` to drop) limits what
 the handler and everything it starts can ever gain. The calls are prctl(2) and capset(2)
-through ctypes, made in the forked child before exec; libc is loaded once, in the parent.
+through ctypes, made in the forked child before exec; libc is loaded when this module is
+imported, in the parent (no dlopen between fork and exec).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ NUMBERS = {f"cap_{name}": i for i, name in enumerate(NAMES)}
 PR_SET_KEEPCAPS, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT = 8, 24, 38, 47
 PR_CAP_AMBIENT_RAISE = 2
 CAP_VERSION_3 = 0x20080522
-_libc: ctypes.CDLL | None = None
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def parse(names: list[str]) -> tuple[int, ...]:
@@ -57,15 +58,7 @@ def last_cap() -> int:
         return len(NAMES) - 1
 
 
-def load() -> None:
-    """Load libc now, in the parent: no dlopen between fork and exec."""
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-
-
 def _prctl(*args: int) -> None:
-    assert _libc is not None
     if _libc.prctl(*(ctypes.c_ulong(a) for a in args)) != 0:
         raise OSError(ctypes.get_errno(), f"prctl({args[0]}): {os.strerror(ctypes.get_errno())}")
 
@@ -82,7 +75,6 @@ def keep_over_setuid() -> None:
 
 def raise_ambient(caps: tuple[int, ...]) -> None:
     """Make `caps` permitted, inheritable and effective, then ambient (after setuid)."""
-    assert _libc is not None
     low = sum(1 << c for c in caps if c < 32)
     high = sum(1 << (c - 32) for c in caps if c >= 32)
     header = (ctypes.c_uint32 * 2)(CAP_VERSION_3, 0)
