@@ -36,8 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     status = sub.add_parser("status", help="live per-service counters")
     status.add_argument("-c", "--config")
     status.add_argument("--json", action="store_true")
-    imp = sub.add_parser("import", help="translate inetd.conf or xinetd config to YAML on stdout")
-    imp.add_argument("kind", choices=("inetd", "xinetd"))
+    imp = sub.add_parser("import", help="translate inetd.conf or xinetd config (or tcprules "
+                                        "source, as rules:) to YAML on stdout")
+    imp.add_argument("kind", choices=("inetd", "xinetd", "tcprules"))
     imp.add_argument("file")
     imp.add_argument("--check", action="store_true",
                      help="also print the check summary on stderr (the result is always "

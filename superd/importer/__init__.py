@@ -1,4 +1,5 @@
 """`superd import inetd|xinetd FILE [--check]`: an existing inetd or xinetd setup as a superd table.
+(`superd import tcprules FILE` writes a `rules:` list instead: superd/importer/tcprules.py.)
 
 The YAML goes to stdout, every line of it explained: each service shows the input it came from,
 `note:` comments say where superd behaves differently, `not carried over:` comments keep what
@@ -21,7 +22,7 @@ import sys
 import tempfile
 
 from superd.config import Table, load_table
-from superd.importer import inetd, xinetd
+from superd.importer import inetd, tcprules, xinetd
 from superd.importer.common import Entry, Remark, Translation, assign_names, render, value_text
 from superd.yamlsrc import Problem, TableError
 
@@ -30,6 +31,8 @@ TRANSLATORS = {"inetd": inetd.translate, "xinetd": xinetd.translate}
 
 def run_import(kind: str, file: str, check: bool = False) -> int:
     """Print the translated table on stdout; report on stderr; 0 when the result loads."""
+    if kind == "tcprules":  # rules for a service's `rules:`, not a table
+        return tcprules.run_import(file, check)
     try:
         t = TRANSLATORS[kind](file)
     except OSError as e:
