@@ -318,7 +318,7 @@ def _service(doc: Document, name: str, defaults: dict[str, Any], main: Document,
     protocol = raw.get("protocol", "tcp")
     ctx = fields.Context(name=name, table_dir=os.path.dirname(doc.file),
                          protocol=protocol if isinstance(protocol, str) and protocol in PROTOCOLS
-                         else "tcp")
+                         else "tcp", own=frozenset(raw))
     values: dict[str, Any] = {}
     before = len(problems)
     for key, (src, path, value) in merged.items():

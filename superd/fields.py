@@ -47,6 +47,7 @@ class Context:
     name: str
     table_dir: str
     protocol: str = "tcp"
+    own: frozenset[str] = frozenset()  # keys the entry sets itself (not from `defaults:`)
 
 
 class FieldError(ValueError):

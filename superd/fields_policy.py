@@ -162,9 +162,10 @@ def access_times(value: Any, ctx: Context) -> dict[str, Any]:
     out = []
     for item in _strings(value, "windows HH:MM-HH:MM"):
         m = re.fullmatch(r"\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*", item)
-        if not m or int(m[1]) > 23 or int(m[3]) > 23 or int(m[2]) > 59 or int(m[4]) > 59:
-            raise ValueError(f"{item!r} is not a window HH:MM-HH:MM (00:00 to 23:59)")
-        out.append((int(m[1]) * 60 + int(m[2]), int(m[3]) * 60 + int(m[4])))
+        start, end = (int(m[1]) * 60 + int(m[2]), int(m[3]) * 60 + int(m[4])) if m else (-1, -1)
+        if not m or int(m[2]) > 59 or int(m[4]) > 59 or start > 1439 or end > 1440:
+            raise ValueError(f"{item!r} is not a window HH:MM-HH:MM (00:00 to 24:00)")
+        out.append((start, min(end, 1439)))  # 24:00: to the end of the day
     return {"access_times": tuple(out)}
 
 
@@ -259,12 +260,18 @@ def whole(values: dict[str, Any], ctx: Context) -> dict[str, Any]:
     protocol = out.get("protocol", "tcp")
     accepted = protocol in ("tcp", "unix") and not out.get("wait")
     for key in ACCEPTED_ONLY + ("only_from_names", "no_access_names"):
+        blame = key.replace("_names", "")
         if out.get(key) and not accepted:
-            blame = key.replace("_names", "")
+            if blame not in ctx.own:
+                out.pop(key)  # from defaults: it applies to the services it fits
+                continue
             raise FieldError(blame, f"{blame} applies to connections superd accepts itself: "
                                     "protocol tcp or unix with wait: false")
     for key in IP_ONLY:
         if out.get(key) and protocol != "tcp":
+            if key not in ctx.own:
+                out.pop(key)
+                continue
             raise FieldError(key, f"{key} needs protocol tcp (a unix peer has no address)")
     if "userid" in out.get("log_on_success", frozenset()) | out.get("log_on_failure",
                                                                      frozenset()):

@@ -97,8 +97,8 @@ def scalar(value: Any) -> str:
     """A YAML scalar that reads back as exactly `value`, in block and in flow context."""
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
+    if isinstance(value, int | float):
+        return repr(value)
     text = str(value)
     if _PLAIN.fullmatch(text):
         try:
@@ -184,6 +184,14 @@ def unwrap_tcpd(argv: list[str]) -> tuple[list[str], str]:
     """
     real = argv[0]
     return argv, real if real.startswith("/") else os.path.join(REAL_DAEMON_DIR, real)
+
+
+def wrap_tcpd(entry: Entry, tcpd: str, program: str) -> None:
+    """tcpd left out of argv: superd runs the daemon and checks hosts.allow/hosts.deny
+    itself (tcp_wrappers: true uses argv[0]'s base name, as tcpd does)."""
+    entry.keys["tcp_wrappers"] = True
+    entry.note(f"{tcpd} (TCP wrappers) left out: superd runs {program} itself and applies "
+               "/etc/hosts.allow and /etc/hosts.deny (tcp_wrappers), as tcpd did")
 
 
 def set_exec(entry: Entry, argv: list[str], program: str) -> None:
