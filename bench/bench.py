@@ -26,6 +26,8 @@ import sys
 import tempfile
 import time
 
+import redirect  # bench/redirect.py: the redirect scenario (run by main, written by report)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 SUPERD = os.path.join(ROOT, ".venv", "bin", "superd")
@@ -549,6 +551,8 @@ def main() -> int:
         data["listeners"] = listeners(bins, sink_path)
         say(f"bench: soak ({SOAK} connections)")
         data["soak"] = soak(bins, servers["superd"])
+        say("bench: redirect (superd's relay, superd + socat, systemd-socket-proxyd)")
+        data["redirect"] = redirect.run(bins, tmp, SUPERD, SECONDS, WARMUP, say)
         data["superd_fds_at_end"] = proc_status(servers["superd"].pid)["fds"]
         for p in list(procs):
             if p is not sink:
@@ -855,6 +859,8 @@ def report(data: dict) -> str:
         out += ["", "Against the C server, client and server share the 2 CPUs, so the rate "
                 "there is bounded by the server and the kernel as much as by the client; the "
                 "CPU figure is what the client itself needs.", ""]
+    if data.get("redirect"):
+        out += redirect.report(data["redirect"])
     if data.get("syslog_records"):
         out += [f"syslog sink received {data['syslog_records']['records']:,} records during the "
                 "run.", ""]
