@@ -69,27 +69,20 @@ def _value(text: str, i: int, line: int, path: str) -> tuple[str, int, int]:
     pending_blank = ""
     while i < len(text):
         c = text[i]
-        if quote == "'":
-            if c == "'":
-                quote = ""
-            else:
-                out.append(c)
-                line += c == "\n"
+        if quote and c == quote:
+            quote = ""
         elif c == "\\" and quote != "'":
             nxt = text[i + 1] if i + 1 < len(text) else ""
             if nxt == "\n":
                 line += 1  # a continued line
             elif nxt:
-                out.append(pending_blank + (nxt if quote or nxt != "\n" else ""))
+                out.append(pending_blank + nxt)
                 pending_blank = ""
             i += 2
             continue
-        elif quote == '"':
-            if c == '"':
-                quote = ""
-            else:
-                out.append(c)
-                line += c == "\n"
+        elif quote:  # inside quotes: taken as it is, newlines too
+            out.append(c)
+            line += c == "\n"
         elif c == "\n":
             return "".join(out), i + 1, line + 1
         elif c in "'\"":

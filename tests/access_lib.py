@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import re
 import socket
+import subprocess
 import time
 from pathlib import Path
 
-from dns_lib import etc_file, private_etc, resolv_conf
+from dns_lib import Dnsmasq, etc_file, private_etc, resolv_conf
 from limits_lib import closed_at_once, connect_from, recv_all_from
-from superd_testlib import Superd
+from superd_testlib import PY, REPO, Superd
 
 HOSTS = "127.0.0.1 localhost\n::1 localhost ip6-localhost\n"
 REPLY = ["/bin/sh", "-c", 'echo "hi $REMOTE_ADDR"']
@@ -55,3 +56,17 @@ def echo_latency(port: int, host: str = "127.0.0.1") -> float:
         s.sendall(b"ping\n")
         assert s.recv(16) == b"ping\n"
     return time.monotonic() - started
+
+
+def check(table: Path, text: str) -> subprocess.CompletedProcess:
+    """`superd check` of a table with `text`."""
+    table.write_text(text)
+    return subprocess.run([PY, "-m", "superd", "check", "-c", str(table)], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+
+
+def dnsmasq(tmp: Path, hosts: dict[str, list[str]], ptrs: dict[str, str] | None = None,
+            ttl: int = 300) -> Dnsmasq:
+    """A started dnsmasq for `hosts` (and lying `ptrs`), its files under tmp/dns."""
+    (tmp / "dns").mkdir(exist_ok=True)
+    return Dnsmasq(tmp / "dns", hosts, ptrs, ttl).start()

@@ -12,7 +12,7 @@ import threading
 import time
 
 import pytest
-from access_lib import REPLY, echo_latency, names_etc, refused, served, start_private
+from access_lib import REPLY, dnsmasq, echo_latency, names_etc, refused, served, start_private
 from dns_lib import Dnsmasq, SilentDns, private_etc
 from limits_lib import connect_from, svc_status
 from superd_testlib import connection_refused, free_port
@@ -24,9 +24,7 @@ LIAR = {"127.0.0.3": "liar.example.test"}  # a PTR whose name has no such addres
 
 @pytest.fixture
 def dns(tmp_path):
-    server = Dnsmasq(tmp_path / "dns", NAMES, LIAR, ttl=60)
-    (tmp_path / "dns").mkdir()
-    server.start()
+    server = dnsmasq(tmp_path, NAMES, LIAR, ttl=60)
     yield server
     server.stop()
 

@@ -8,14 +8,12 @@ from __future__ import annotations
 import os
 import re
 import socket
-import subprocess
 import time
 
 import pytest
-from access_lib import names_etc, refused, served, start_private
-from dns_lib import Dnsmasq
+from access_lib import check, dnsmasq, names_etc, refused, served, start_private
 from limits_lib import connect_from, svc_status
-from superd_testlib import PY, REPO, free_port, recv_until_eof
+from superd_testlib import free_port, recv_until_eof
 
 SHOW = ["/bin/sh", "-c", 'echo "[$TCPREMOTEHOST] [$TCPLOCALHOST] [$TCPCONNNUM] [$A] [$B] [$C]"']
 
@@ -34,11 +32,9 @@ def test_env_file_problems_name_the_line(tmp_path):
     bad = tmp_path / "bad"
     bad.write_text("OK=1\nnot an assignment\n")
     table = tmp_path / "t.yaml"
-    table.write_text(f"services:\n  e:\n    listen: 7\n    internal: echo\n"
+    r = check(table, f"services:\n  e:\n    listen: 7\n    internal: echo\n"
                      f"    env_file: [{bad}]\n  f:\n    listen: 8\n    internal: echo\n"
                      f"    env_file: {tmp_path}/none\n")
-    r = subprocess.run([PY, "-m", "superd", "check", "-c", str(table)], cwd=REPO,
-                       capture_output=True, text=True, timeout=30)
     assert r.returncode == 1
     assert f"{table}:5: services.e.env_file: {bad}:2: expected NAME=value" in r.stdout
     assert f"{table}:9: services.f.env_file: {tmp_path}/none: No such file or directory" \
@@ -58,9 +54,8 @@ def test_per_source_rate(superd):
 
 @pytest.fixture
 def dns(tmp_path):
-    (tmp_path / "dns").mkdir()
-    server = Dnsmasq(tmp_path / "dns", {"good.example.test": ["127.0.0.2"]},
-                     {"127.0.0.3": "liar.example.test"}).start()
+    server = dnsmasq(tmp_path, {"good.example.test": ["127.0.0.2"]},
+                     {"127.0.0.3": "liar.example.test"})
     yield server
     server.stop()
 
@@ -143,11 +138,8 @@ def test_a_sensor_bans_its_caller_from_every_service(superd):
 
 
 def test_a_sensor_on_udp_is_refused(tmp_path):
-    table = tmp_path / "t.yaml"
-    table.write_text("services:\n  trap:\n    listen: 7\n    protocol: udp\n    wait: true\n"
-                     "    sensor: true\n")
-    r = subprocess.run([PY, "-m", "superd", "check", "-c", str(table)], cwd=REPO,
-                       capture_output=True, text=True, timeout=30)
+    r = check(tmp_path / "t.yaml", "services:\n  trap:\n    listen: 7\n    protocol: udp\n"
+                                   "    wait: true\n    sensor: true\n")
     assert r.returncode == 1 and re.search(r"t\.yaml:\d+: services\.trap\.sensor: sensor "
                                            r"applies to connections superd accepts", r.stdout)
 

@@ -12,8 +12,7 @@ import subprocess
 
 import pytest
 import yaml
-from access_lib import names_etc, refused, served, start_private
-from dns_lib import Dnsmasq
+from access_lib import check, dnsmasq, names_etc, refused, served, start_private
 from superd_testlib import PY, REPO, free_port
 
 SHOW = ["/bin/sh", "-c", 'echo "R=[${RELAYCLIENT-unset}] B=[${RBLSMTPD-unset}]"']
@@ -66,9 +65,7 @@ def test_imported_rules_do_what_tcprules_says(superd, tmp_path):
 
 @pytest.fixture
 def dns(tmp_path):
-    (tmp_path / "dns").mkdir()
-    server = Dnsmasq(tmp_path / "dns", {"mx.example.test": ["127.0.0.2"],
-                                        "a.spam.test": ["127.0.0.3"]}).start()
+    server = dnsmasq(tmp_path, {"mx.example.test": ["127.0.0.2"], "a.spam.test": ["127.0.0.3"]})
     yield server
     server.stop()
 
@@ -89,9 +86,7 @@ def test_rules_with_names_first_match_wins(new_daemon, dns, tmp_path):
 
 def test_bad_rules_name_the_rule(tmp_path):
     table = tmp_path / "t.yaml"
-    table.write_text("services:\n  s:\n    listen: 7\n    internal: echo\n    rules:\n"
+    r = check(table, "services:\n  s:\n    listen: 7\n    internal: echo\n    rules:\n"
                      "      - {allow: [10.0.0.0/8]}\n      - {deny: [10.9.0.0/16], env: {A: 1}}\n")
-    r = subprocess.run([PY, "-m", "superd", "check", "-c", str(table)], cwd=REPO,
-                       capture_output=True, text=True, timeout=30)
     assert r.returncode == 1
     assert f"{table}:6: services.s.rules: rule 2: env goes with allow" in r.stdout

@@ -12,17 +12,16 @@ import os
 import time
 
 import pytest
-from access_lib import REPLY, names_etc, refused, served, start_private
-from dns_lib import Dnsmasq, etc_file
+from access_lib import REPLY, dnsmasq, names_etc, refused, served, start_private
+from dns_lib import etc_file
 from limits_lib import svc_status
 from superd_testlib import free_port, wait_until
 
 
 @pytest.fixture
 def dns(tmp_path):
-    (tmp_path / "dns").mkdir()
-    server = Dnsmasq(tmp_path / "dns", {"good.example.test": ["127.0.0.2"],
-                                        "other.example.test": ["127.0.0.7"]}).start()
+    server = dnsmasq(tmp_path, {"good.example.test": ["127.0.0.2"],
+                                "other.example.test": ["127.0.0.7"]})
     yield server
     server.stop()
 
