@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+# What superd sets from the connection itself: a rule or hosts.allow's setenv may not set them.
+CONNECTION_VARS = frozenset({"PROTO", "TCPREMOTEIP", "TCPREMOTEPORT", "TCPLOCALIP",
+                             "TCPLOCALPORT", "REMOTE_ADDR", "REMOTE_PORT", "REMOTE_HOST"})
 UNKNOWN, PARANOID = "unknown", "paranoid"  # the words tcpd uses: no name / a name that lies
 USER = ("user",)  # the ident answer for the connection: an ident.Identity, or None
 Key = tuple[Any, ...]

@@ -17,6 +17,7 @@ import socket
 from typing import Any
 
 from superd import caps, envfile
+from superd.facts import CONNECTION_VARS
 from superd.fields import (
     ENV_NAME,
     Context,
@@ -135,6 +136,9 @@ def rules(value: Any, ctx: Context) -> dict[str, Any]:
             raise ValueError(f"rule {i}: {e}") from None
         if variables and not allowing:
             raise ValueError(f"rule {i}: env goes with allow (a refused client runs nothing)")
+        taken = sorted(CONNECTION_VARS & {name for name, _ in variables})
+        if taken:
+            raise ValueError(f"rule {i}: {', '.join(taken)}: superd sets it from the connection")
         out.append(Rule(allowing, HostSet(nets, names), variables))
     return {"rules": tuple(out)}
 

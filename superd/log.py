@@ -78,9 +78,9 @@ class Log:
 
     def _route(self, specs: tuple[ServiceLog, ...]) -> None:
         """Each service's own target; log files are kept open across reloads."""
-        files = {}
+        files: dict[str, LogFile] = {}
         for spec in specs:
-            if spec.file:
+            if spec.file and spec.file not in files:  # services may share one file
                 old = self.files.pop(spec.file, None)
                 files[spec.file] = old if old is not None and old.limits == spec.limits \
                     else LogFile(spec.file, spec.limits, self.warning)

@@ -31,7 +31,7 @@ import socket
 import struct
 
 from superd import hostsfile, lookups
-from superd.facts import PARANOID, UNKNOWN
+from superd.facts import CONNECTION_VARS, PARANOID, UNKNOWN
 from superd.hostpatterns import Known
 from superd.hostsfile import Contents, Rule, Table, split_at
 from superd.log import Log
@@ -41,8 +41,6 @@ from superd.pipeline import Connection
 ALLOW, DENY = "/etc/hosts.allow", "/etc/hosts.deny"
 HARMLESS = ("severity", "rfc931")
 OK_CHARS = set("1234567890!@%-_=+:,./abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
-CONNECTION_VARS = ("PROTO", "TCPREMOTEIP", "TCPREMOTEPORT", "TCPLOCALIP", "TCPLOCALPORT",
-                   "REMOTE_ADDR", "REMOTE_PORT", "REMOTE_HOST")
 _TABLES: dict[str, Table[Contents]] = {}
 _PATTERN_FILES: dict[str, Table[tuple[str, ...]]] = {}
 
