@@ -92,12 +92,16 @@ def test_a_silent_name_server_stalls_nothing_else(new_daemon, tmp_path):
     deadline, never let in."""
     silent = SilentDns().start()
     try:
-        p1, p2 = free_port(), free_port()
+        p1, p2, p3 = free_port(), free_port(), free_port()
         d = start_private(new_daemon, {
             "slow": {"listen": f"0.0.0.0:{p1}", "exec": REPLY, "only_from": [".example.test"],
                      "lookup_timeout": 2},
             "echo": {"listen": f"127.0.0.1:{p2}", "internal": "echo"},
+            "deny": {"listen": f"0.0.0.0:{p3}", "exec": REPLY, "lookup_timeout": 1,
+                     "no_access": ["bad.example.test"]},
         }, names_etc(tmp_path / "etc", silent.ip, options="timeout:5 attempts:2"))
+        # a no_access name that gets no answer refuses: it might have been this client
+        refused(d, "deny", "127.0.0.9", p3, "dns")
         waiting = [connect_from(f"127.0.{i // 200}.{2 + i % 200}", "127.0.0.1", p1)
                    for i in range(30)]
         started = time.monotonic()
