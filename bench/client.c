@@ -15,8 +15,11 @@
  * the first N completions (no warm-up). Every run is bounded by -T seconds. Prints one JSON
  * object on stdout.
  *
+ * With -k the client does not half-close: it reads its line back and closes (for servers
+ * that end a connection at the client's end-of-file, as systemd-socket-proxyd does).
+ *
  *   client -p PORT [-h 127.0.0.1 | ::1] [-u] [-c 8] [-t 1] [-d 2] [-w 0.3] [-n COUNT] [-T 60]
- *          [-s 64] [-S 8] [-o TIMEOUT_MS]
+ *          [-s 64] [-S 8] [-o TIMEOUT_MS] [-k]
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -65,7 +68,7 @@ static struct {
     struct sockaddr_storage dst;
     socklen_t dstlen;
     int v6;
-    int udp, conc, threads, nsrc, size;
+    int udp, conc, threads, nsrc, size, keep_open;
     double duration, warmup, hardlimit, timeout;
     long count;
     double t0, t_measure, t_end;
@@ -146,7 +149,7 @@ static void tcp_send(struct worker *w, int ep, struct slot *s) {
         fail(w, ep, s, n < 0 ? err_kind(errno) : E_OTHER);
         return;
     }
-    shutdown(s->fd, SHUT_WR);
+    if (!cfg.keep_open) shutdown(s->fd, SHUT_WR);
     s->state = READING;
     s->got = 0;
 }
@@ -155,7 +158,11 @@ static void tcp_read(struct worker *w, int ep, struct slot *s) {
     char buf[4096];
     for (;;) {
         ssize_t n = recv(s->fd, buf, sizeof buf, 0);
-        if (n > 0) { s->got += n; continue; }
+        if (n > 0) {
+            s->got += n;
+            if (cfg.keep_open && s->got >= (size_t)cfg.size) n = 0;  /* the line is back */
+            else continue;
+        }
         if (n == 0) {
             double t = now();
             if (s->got != (size_t)cfg.size) fail(w, ep, s, E_MISMATCH);
@@ -368,7 +375,7 @@ int main(int argc, char **argv) {
     int port = 0, opt;
     cfg.conc = 8; cfg.threads = 1; cfg.duration = 2; cfg.warmup = 0.3; cfg.hardlimit = 60;
     cfg.size = 64; cfg.nsrc = 8; cfg.timeout = -1;
-    while ((opt = getopt(argc, argv, "h:p:uc:t:d:w:n:T:s:S:o:")) != -1) {
+    while ((opt = getopt(argc, argv, "h:p:uc:t:d:w:n:T:s:S:o:k")) != -1) {
         switch (opt) {
         case 'h': host = optarg; break;
         case 'p': port = atoi(optarg); break;
@@ -382,6 +389,7 @@ int main(int argc, char **argv) {
         case 's': cfg.size = atoi(optarg); break;
         case 'S': cfg.nsrc = atoi(optarg); break;
         case 'o': cfg.timeout = atof(optarg) / 1000.0; break;
+        case 'k': cfg.keep_open = 1; break;
         default: fprintf(stderr, "usage: see the comment at the top of client.c\n"); return 2;
         }
     }

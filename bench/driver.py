@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 
+import redirect  # bench/redirect.py: the redirect scenario
 import report
 from plan import CONCS, HOST, HOST6, LABEL, LISTENER_SETS, PORTS, SCENARIOS, SOURCES, SUPERDS
 
@@ -509,6 +510,8 @@ def main() -> int:
         data["listeners"] = listeners(bins, sink_path)
         say(f"bench: soak ({SOAK} connections)")
         data["soak"] = soak(bins, servers["superd"])
+        say("bench: redirect (superd's relay, superd + socat, systemd-socket-proxyd)")
+        data["redirect"] = redirect.run(bins, tmp, SUPERD, SECONDS, WARMUP, say)
         data["superd_fds_at_end"] = proc_status(servers["superd"].pid)["fds"]
         for p in list(procs):
             if p is not sink:

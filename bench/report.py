@@ -13,6 +13,7 @@ import json
 import os
 import sys
 
+import redirect  # bench/redirect.py: its section of RESULTS.md
 from plan import CONCS, LABEL, REFERENCE, SCENARIOS, SUPERDS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -175,6 +176,8 @@ def report(data: dict) -> str:
     for key, title, _proto, _service, names in SCENARIOS:
         out += scenario_section(data, key, title, names)
     out += listeners_section(data) + soak_section(data) + loader_section(data)
+    if data.get("redirect"):
+        out += redirect.report(data["redirect"])
     if data.get("syslog_records"):
         out += [f"syslog sink received {data['syslog_records']['records']:,} records during the "
                 "run.", ""]

@@ -41,11 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     status.add_argument("--json", action="store_true")
     status.add_argument("services", nargs="*", metavar="SERVICE", help="only these services")
     imp = sub.add_parser("import", help="translate inetd.conf, xinetd config or a systemd "
-                                         "socket unit to YAML on stdout")
-    imp.add_argument("kind", choices=("inetd", "xinetd", "systemd"))
+                                         "socket unit to YAML on stdout (or tcprules source "
+                                         "to a rules: list)")
+    imp.add_argument("kind", choices=("inetd", "xinetd", "systemd", "tcprules"))
     imp.add_argument("files", nargs="+", metavar="FILE",
                      help="inetd: a file or a directory of them; xinetd: xinetd.conf or a "
-                          "directory; systemd: UNIT.socket [UNIT.service]")
+                          "directory; systemd: UNIT.socket [UNIT.service]; "
+                          "tcprules: the rules source")
     imp.add_argument("--check", action="store_true",
                      help="also print the check summary on stderr (the result is always "
                           "validated; exit 1 if it would not load)")

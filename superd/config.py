@@ -8,132 +8,31 @@ collected, not raised one by one, so `superd check` can list them all (SPEC §1)
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from ipaddress import IPv4Network, IPv6Network
 from typing import Any
 
-from superd import fields
-from superd.fields import Backoff
-from superd.listeners import PROTOCOLS, STREAM_PROTOCOLS, Address
-from superd.sockopts import DEFAULT as DEFAULT_SOCKOPTS
-from superd.sockopts import SocketOptions
+from superd import fields, fields_policy
+from superd.fields_policy import FACILITIES
+from superd.listeners import PROTOCOLS, Address
+from superd.records import Failed, Service, ServiceLog, Settings, Table
 from superd.values import Missing
 from superd.yamlsrc import Document, Path, Problem, TableError, load
 
 DEFAULT_TABLE = "/etc/superd/superd.yaml"
-FACILITIES = (
-    "kern user mail daemon auth syslog lpr news uucp cron authpriv ftp "
-    "local0 local1 local2 local3 local4 local5 local6 local7"
-).split()
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Whole-daemon settings (the `settings:` map)."""
-
-    syslog_address: str = "/dev/log"
-    syslog_facility: str = "daemon"
-    syslog_ident: str = "superd"
-    control_socket: str = "/run/superd/control.sock"
-    max_children: int = 1000
-    shutdown_grace: float = 5.0
-    max_sessions: int | None = None  # internal sessions at once; None: half the fd limit
-    idle_timeout: float = 300.0  # an internal session that moves no byte for this long ends
-    max_buffered: int = 32 << 20  # bytes all echo sessions together may hold unsent
-
-
-@dataclass(frozen=True)
-class Service:
-    """One entry of `services:`, validated. Two records compare equal when they behave alike."""
-
-    name: str
-    listen: tuple[Address, ...] = ()
-    protocol: str = "tcp"
-    wait: bool = False
-    argv: tuple[str, ...] = ()
-    program: str = ""
-    internal: str = ""
-    python: str = ""
-    user: str = ""
-    uid: int | None = None
-    gid: int | None = None
-    groups: tuple[int, ...] | None = None
-    umask: int | None = None
-    nice: int = 0
-    cwd: str = "/"
-    env: tuple[tuple[str, str], ...] = ()
-    passenv: tuple[str, ...] = ()
-    rlimits: tuple[tuple[str, int], ...] = ()
-    instances: int | None = None
-    on_limit: str = "queue"
-    per_source: int | None = None
-    rate: tuple[int, float] | None = None  # (tokens, seconds to refill them all)
-    only_from: tuple[IPv4Network | IPv6Network, ...] = ()
-    no_access: tuple[IPv4Network | IPv6Network, ...] = ()
-    timeout: float | None = None
-    backlog: int = 128
-    stderr: str = "log"
-    disabled: bool = False
-    log_on_success: frozenset[str] = frozenset({"pid", "host", "exit", "duration"})
-    log_on_failure: frozenset[str] = frozenset({"host"})
-    backoff: Backoff | None = Backoff()
-    # socket options (superd/sockopts.py: socket_user ... broadcast), one record
-    sockopts: SocketOptions = DEFAULT_SOCKOPTS
-    function: Callable[..., Any] | None = field(default=None, compare=False, repr=False)
-    python_source: str = field(default="", repr=False)  # sha256 of a FILE.py handler
-    file: str = field(default="", compare=False)
-    line: int = field(default=0, compare=False)
-
-    @property
-    def stream(self) -> bool:
-        return self.protocol in STREAM_PROTOCOLS
-
-    @property
-    def where(self) -> str:
-        return f"{self.file}:{self.line}"
-
-
-@dataclass(frozen=True)
-class Failed:
-    """A service entry that does not load, and how to try it again as it was written."""
-
-    name: str
-    where: str  # FILE:LINE of its name
-    problems: tuple[Problem, ...]
-    disabled: bool  # a `disabled: true` entry: reported, never tried
-    retry: Callable[[], Service | list[Problem]] = field(compare=False, repr=False)
-
-    @property
-    def transient(self) -> bool:
-        """Only things missing from the machine: worth trying again without a reload."""
-        return all(p.transient for p in self.problems)
-
-    @property
-    def reason(self) -> str:
-        return "; ".join(f"{p.where}: {p.message}" if p.where else p.message
-                         for p in self.problems)
-
-
-@dataclass(frozen=True)
-class Table:
-    path: str
-    settings: Settings
-    services: tuple[Service, ...]
-    failed: tuple[Failed, ...] = ()  # entries that did not load (superd serves the others)
-    problems: tuple[Problem, ...] = ()  # every problem found, once, in file and line order
-    broken_files: tuple[str, ...] = ()  # included files that could not be read at all
-
-    @property
-    def enabled(self) -> tuple[Service, ...]:
-        return tuple(s for s in self.services if not s.disabled)
+__all__ = ["FACILITIES", "Failed", "Service", "ServiceLog", "Settings", "Table", "load_table",
+           "table_path"]
 
 
 # Service keys that `defaults:` may not set: they say what a service *is*, not how it runs.
-NOT_DEFAULTABLE = {"listen", "protocol", "exec", "program", "internal", "python"}
+NOT_DEFAULTABLE = {"listen", "protocol", "exec", "program", "internal", "python", "redirect",
+                   "sensor"}
+# Every service key: fields.py's, and issue 14's from fields_policy.py (which also replaces
+# the parsers of listen, only_from and no_access with ones that take host names).
+SERVICE_KEYS = {**fields.SERVICE_KEYS, **fields_policy.KEYS}
 
 
 def table_path(option: str | None) -> str:
@@ -168,7 +67,7 @@ def read_table(path: str, previous: Settings | None = None) -> Table:
     settings = _settings(main, problems, previous)
     defaults = _mapping(main, ("defaults",), problems)
     for key in list(defaults):
-        if key in NOT_DEFAULTABLE or key not in fields.SERVICE_KEYS:
+        if key in NOT_DEFAULTABLE or key not in SERVICE_KEYS:
             problems.append(main.problem(("defaults", key), "not a key defaults may set"))
             del defaults[key]
     entries: list[tuple[Document, str]] = []
@@ -195,6 +94,7 @@ def read_table(path: str, previous: Settings | None = None) -> Table:
         problems.append(clash)
         services = [(s, d) for s, d in services if s is not svc]
         failed.append(Failed(svc.name, svc.where, (clash,), svc.disabled, _as_is(svc)))
+    services = _with_sensors(services)
     order = {f: i for i, f in enumerate(files)}
     unique = sorted(dict.fromkeys(problems), key=lambda p: (order.get(p.file, -1), p.line or 0))
     return Table(path, settings, tuple(svc for svc, _ in services), tuple(failed),
@@ -219,6 +119,14 @@ def _failed(doc: Document, name: str, defaults: dict[str, Any], main: Document,
 
     return Failed(name, f"{doc.file}:{doc.line(('services', name))}", tuple(problems),
                   disabled, retry)
+
+
+def _with_sensors(services: list[tuple[Service, Document]]) -> list[tuple[Service, Document]]:
+    """With a sensor in the table, every service superd accepts for refuses who it caught."""
+    if not any(svc.sensor and not svc.disabled for svc, _ in services):
+        return services
+    return [(dataclasses.replace(svc, sensor_bans=True) if svc.stream and not svc.wait
+             else svc, doc) for svc, doc in services]
 
 
 def _collect(doc: Document, stack: list[str], entries: list[tuple[Document, str]],
@@ -348,7 +256,7 @@ def _service(doc: Document, name: str, defaults: dict[str, Any],
                          else "tcp", written=frozenset(raw))
     values: dict[str, Any] = {}
     for key, (src, path, value) in merged.items():
-        parser = fields.SERVICE_KEYS.get(key)
+        parser = SERVICE_KEYS.get(key)
         if parser is None:
             problems.append(src.problem(path, "unknown key"))
             continue
@@ -359,7 +267,7 @@ def _service(doc: Document, name: str, defaults: dict[str, Any],
     if problems:
         return None, problems
     try:
-        values = fields.whole_service(values, ctx)
+        values = fields.whole_service(fields_policy.whole(values, ctx), ctx)
     except (fields.FieldError, fields.MissingField) as e:
         blame = next((k for k in e.keys if k in raw), None)
         problems.append(doc.problem(base + ((blame,) if blame else ()), str(e),

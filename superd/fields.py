@@ -31,9 +31,14 @@ INTERNAL = ("echo", "discard", "chargen", "daytime", "time")
 RLIMITS = {
     "nofile": resource.RLIMIT_NOFILE, "nproc": resource.RLIMIT_NPROC, "as": resource.RLIMIT_AS,
     "cpu": resource.RLIMIT_CPU, "core": resource.RLIMIT_CORE, "fsize": resource.RLIMIT_FSIZE,
+    # every other limit Linux has (setrlimit(2)); RLIMIT_LOCKS (10) is not in `resource`
+    "data": resource.RLIMIT_DATA, "stack": resource.RLIMIT_STACK, "rss": resource.RLIMIT_RSS,
+    "memlock": resource.RLIMIT_MEMLOCK, "msgqueue": resource.RLIMIT_MSGQUEUE,
+    "nice": resource.RLIMIT_NICE, "rtprio": resource.RLIMIT_RTPRIO,
+    "rttime": resource.RLIMIT_RTTIME, "sigpending": resource.RLIMIT_SIGPENDING, "locks": 10,
 }
-SUCCESS_FIELDS = ("pid", "host", "exit", "duration", "traffic")
-FAILURE_FIELDS = ("host", "attempt")
+SUCCESS_FIELDS = ("pid", "host", "exit", "duration", "traffic", "userid")
+FAILURE_FIELDS = ("host", "attempt", "userid")
 
 
 class Backoff(NamedTuple):
@@ -241,13 +246,21 @@ def passenv(value: Any, ctx: Context) -> dict[str, Any]:
 
 
 def rlimits(value: Any, ctx: Context) -> dict[str, Any]:
+    """Each limit a number or `unlimited` (soft and hard alike), or [SOFT, HARD]."""
     if not isinstance(value, dict):
         raise ValueError(f"expected a mapping of {', '.join(RLIMITS)}")
     out = []
     for k, v in value.items():
         if k not in RLIMITS:
             raise ValueError(f"unknown limit {k!r} (expected {', '.join(RLIMITS)})")
-        out.append((k, resource.RLIM_INFINITY if v == "unlimited" else integer(v, 0, 2**62)))
+        pair = v if isinstance(v, list) else [v, v]
+        if len(pair) != 2:
+            raise ValueError(f"{k}: expected a number, unlimited or [SOFT, HARD]")
+        soft, hard = (resource.RLIM_INFINITY if x == "unlimited" else integer(x, 0, 2**62)
+                      for x in pair)
+        if hard != resource.RLIM_INFINITY and (soft == resource.RLIM_INFINITY or soft > hard):
+            raise ValueError(f"{k}: the soft limit is above the hard one")
+        out.append((k, soft, hard))
     return {"rlimits": tuple(out)}
 
 
@@ -339,10 +352,11 @@ SERVICE_KEYS: dict[str, Callable[[Any, Context], dict[str, Any]]] = {
 def whole_service(values: dict[str, Any], ctx: Context) -> dict[str, Any]:
     """Checks across keys; returns adjusted values. Raises FieldError naming the key to blame."""
     out = dict(values)
-    kinds = [k for k in ("argv", "internal", "python") if out.get(k)]
+    kinds = [k for k in ("argv", "internal", "python", "redirect", "sensor") if out.get(k)]
     if len(kinds) != 1:
         named = {"argv": "exec"}.get(kinds[1], kinds[1]) if len(kinds) > 1 else "exec"
-        raise FieldError(named, "give exactly one of exec, internal or python")
+        raise FieldError(named, "give exactly one of exec, internal, python, redirect or "
+                                "sensor")
     gid = out.pop("group_gid", None)
     if gid is not None:
         out["gid"] = gid
@@ -369,9 +383,10 @@ def whole_service(values: dict[str, Any], ctx: Context) -> dict[str, Any]:
         program = out.get("program") or out["argv"][0]
         if not program.startswith("/"):
             raise FieldError("exec", f"{program!r} is not an absolute path (or give program)")
-        if not os.path.isfile(program) or not os.access(program, os.X_OK):
+        inside = out.get("chroot", "") + program  # with chroot, the program is inside it
+        if not os.path.isfile(inside) or not os.access(inside, os.X_OK):
             raise MissingField("program" if out.get("program") else "exec",
-                               f"{program}: no such executable file")
+                               f"{inside}: no such executable file")
         out["program"] = program
     elif out.get("program"):
         raise FieldError("program", "program goes with exec")

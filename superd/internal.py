@@ -353,7 +353,7 @@ class Builtin:
     """One row of the built-in table: how to serve a stream connection and a datagram."""
 
     name: str
-    stream: type[Session]  # made with (loop, socket, done, peer, budget)
+    stream: Callable[..., Session]  # (loop, sock, done, peer, budget) -> Session
     datagram: Callable[[bytes], bytes | None]
 
 

@@ -124,7 +124,7 @@ def parse_address(value: object, protocol: str) -> Address:
         ip4 = ipaddress.IPv4Address(host)
     except ValueError:
         raise ValueError(
-            f"{host!r} is not an IPv4 address (write IPv6 as [ADDR]:PORT; names are not resolved)"
+            f"{host!r} is not an IPv4 address (write IPv6 as [ADDR]:PORT)"
         ) from None
     return Address(socket.AF_INET, str(ip4), _port(port), text=text)
 

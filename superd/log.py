@@ -17,7 +17,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from superd.config import Settings
+from superd.config import ServiceLog, Settings
+from superd.logfile import LogFile
 from superd.loop import WRITE, Loop
 
 ERR, WARNING, INFO = _syslog.LOG_ERR, _syslog.LOG_WARNING, _syslog.LOG_INFO
@@ -29,6 +30,19 @@ JOURNALD_SYSLOG = "/run/systemd/journal/dev-log"  # where /dev/log points when j
 
 def facility_code(name: str) -> int:
     return int(getattr(_syslog, f"LOG_{name.upper()}"))
+
+
+LEVELS = {"emerg": 0, "alert": 1, "crit": 2, "err": 3, "warning": 4, "notice": 5, "info": 6,
+          "debug": 7}
+
+
+class Route:
+    """Where one service's lines go instead (syslog_facility, syslog_level, log_file)."""
+
+    def __init__(self, spec: ServiceLog, file: LogFile | None):
+        self.facility = facility_code(spec.facility) if spec.facility else None
+        self.severity = LEVELS[spec.level] if spec.level else None
+        self.file = file
 
 
 class Log:
@@ -46,10 +60,13 @@ class Log:
         self.pending: list[bytes] = []  # lines of this loop turn, sent when the loop is idle
         self.dropped = 0
         self.terminator = b""
+        self.routes: dict[str, Route] = {}  # service name -> its own log target
+        self.files: dict[str, LogFile] = {}
         self.configure(settings or Settings())
 
-    def configure(self, settings: Settings) -> None:
-        """Take (new) syslog settings; reconnect if the address changed."""
+    def configure(self, settings: Settings, routes: tuple[ServiceLog, ...] = ()) -> None:
+        """Take (new) syslog settings and the services' own targets (Table.service_logs);
+        reconnect if the address changed."""
         address = settings.syslog_address
         if getattr(self, "address", None) != address and self.sock:
             self._leave()
@@ -58,6 +75,22 @@ class Log:
         self.facility = facility_code(settings.syslog_facility)
         self.ident = settings.syslog_ident
         self.pid = os.getpid()
+        self._route(routes)
+
+    def _route(self, specs: tuple[ServiceLog, ...]) -> None:
+        """Each service's own target; log files are kept open across reloads."""
+        files: dict[str, LogFile] = {}
+        for spec in specs:
+            if spec.file and spec.file not in files:  # services may share one file
+                old = self.files.pop(spec.file, None)
+                files[spec.file] = old if old is not None and old.limits == spec.limits \
+                    else LogFile(spec.file, spec.limits, self.warning)
+                if old is not None and files[spec.file] is not old:
+                    old.close()
+        for old in self.files.values():
+            old.close()
+        self.files = files
+        self.routes = {spec.service: Route(spec, files.get(spec.file)) for spec in specs}
 
     def info(self, message: str, **fields: str) -> None:
         self.emit(INFO, message, fields)
@@ -69,6 +102,15 @@ class Log:
         self.emit(ERR, message, fields)
 
     def emit(self, severity: int, message: str, fields: dict[str, str]) -> None:
+        facility = self.facility
+        if self.routes:
+            route = self.routes.get(fields.get("SUPERD_SERVICE", ""))
+            if route is not None:
+                if route.file is not None:
+                    route.file.write(message)
+                    return
+                facility = route.facility if route.facility is not None else facility
+                severity = route.severity if route.severity is not None else severity
         now = time.time()
         second = int(now)
         if second != self.stamp_second:
@@ -82,7 +124,7 @@ class Log:
         if self.sock is None and time.monotonic() >= self.next_try:
             self._connect()
         if self.sock is not None:  # on failure _send itself writes the line to stderr
-            packet = f"<{self.facility | severity}>{self.stamp} {self.ident}[{self.pid}]: {message}"
+            packet = f"<{facility | severity}>{self.stamp} {self.ident}[{self.pid}]: {message}"
             self._send(packet.encode("utf-8", "replace") + self.terminator)
         else:
             sys.stderr.write(f"{self.stamp} {self.ident}[{self.pid}]: {message}\n")
@@ -237,6 +279,8 @@ class Log:
         """Flush what is queued (waiting a little, the loop is over) and close."""
         self._hand_over(1.0)
         self.loop = None
+        for file in self.files.values():
+            file.close()
 
 
 def _to_stderr(packets: list[bytes]) -> None:

@@ -38,8 +38,11 @@ WAIT = Waiting()
 class Connection:
     """One accepted connection, from accept until its session or handler has it."""
 
+    # `facts` (superd/lookups.py) is set only by stages that look things up: unset, it costs
+    # a connection of a service without such stages nothing.
     __slots__ = ("sock", "addr", "peer", "listener", "state", "stage", "timer", "env",
-                 "accepted", "userid")
+                 "accepted", "userid", "facts")
+    facts: object  # a lookups.Facts (not imported here: lookups imports this module)
 
     def __init__(self, sock: socket.socket, addr: object, peer: str, listener: Listener):
         self.sock, self.addr, self.peer, self.listener = sock, addr, peer, listener

@@ -245,7 +245,7 @@ class Server:
         self.processes.max_children = table.settings.max_children
         s = table.settings
         self.sessions.configure(s.max_sessions, s.idle_timeout, s.max_buffered)
-        self.log.configure(table.settings)
+        self.log.configure(table.settings, table.service_logs)
         services: dict[str, ServiceRuntime] = {}
         for name, svc in run.items():
             runtime = self.services.get(name)

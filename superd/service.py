@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from superd import spawn, stages, stderr
+from superd import relay, spawn, stages, stderr
 from superd.accept import (
     FD_ERRORS,
     accept_connections,
@@ -37,7 +37,7 @@ from superd.accept import (
 from superd.access import allowed
 from superd.config import Service
 from superd.faillines import FailLines
-from superd.internal import BUILTINS, Session
+from superd.internal import Session
 from superd.limits import Limits
 from superd.listeners import Listener
 from superd.log import Log
@@ -107,7 +107,7 @@ class ServiceRuntime:
         self.config = config
         self.name = config.name
         self.prepared = spawn.prepare(config, dict(os.environ))
-        self.builtin = BUILTINS.get(config.internal)
+        self.builtin = relay.builtin_for(config, self.log)  # internal, redirect or None
         self.limits.configure(config, self.session_room if self.builtin is not None
                               else self.process_room)
         if config != old or self.pipeline is None:
@@ -115,7 +115,9 @@ class ServiceRuntime:
             if self.pipeline is not None and self.pipeline.waiting:
                 self.draining.append(self.pipeline)
             self.pipeline = Pipeline(
-                stages.build(config), admit=lambda conn: self.limits.admit(conn.peer),
+                stages.build(config, stages.Tools(self.loop, self.log,
+                                                  self.limits.per_peer.__getitem__)),
+                admit=lambda conn: self.limits.admit(conn.peer),
                 start=self.start_session if self.builtin is not None else self.start_handler,
                 refuse=self.refuse_connection, call_later=self.loop.call_later)
         self._stderr_pipe()

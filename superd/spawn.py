@@ -17,6 +17,7 @@ import sys
 import traceback
 from dataclasses import dataclass
 
+from superd import caps
 from superd.config import Service
 from superd.fields import RLIMITS
 from superd.forkexec import default_signals, exec_error, fork_exec, read_error
@@ -69,7 +70,9 @@ def prepare(service: Service, environ: dict[str, str]) -> Prepared:
     env.update(service.env)
     for name in CONNECTION_VARS & env.keys():
         del env[name]
-    fast = bool(service.argv) and not service.wait and not service.nice and not service.rlimits
+    fast = bool(service.argv) and not service.wait and not service.nice and not service.rlimits \
+        and not (service.chroot or service.no_new_privileges or service.capabilities
+                 or service.capability_bounding_set is not None)
     groups = list(service.groups) if service.groups is not None and os.geteuid() == 0 else None
     return Prepared(service, env, fast, tuple(os.fsencode(a) for a in service.argv),
                     (os.fsencode(service.program),) if service.program else (),
@@ -207,19 +210,34 @@ def _child(prep: Prepared, sock: socket.socket, env: dict[str, str], wait: bool,
 
 
 def _set_limits_and_identity(svc: Service) -> None:
-    for name, value in svc.rlimits:
-        resource.setrlimit(RLIMITS[name], (value, value))
+    """In the child: limits, root, capabilities and identity, in the order they need (chroot
+    and the bounding set need root's capabilities; ambient ones are raised after setuid)."""
+    for name, soft, hard in svc.rlimits:
+        resource.setrlimit(RLIMITS[name], (soft, hard))
     if svc.nice:
         os.setpriority(os.PRIO_PROCESS, 0, svc.nice)
     if svc.umask is not None:
         os.umask(svc.umask)
+    if svc.chroot:
+        os.chroot(svc.chroot)
     os.chdir(svc.cwd)
+    if svc.capability_bounding_set is not None:
+        caps.drop_bounding(svc.capability_bounding_set)
+    if svc.capabilities and svc.uid is not None:
+        caps.keep_over_setuid()
+    if os.geteuid() == 0:
+        if svc.groups is not None:
+            os.setgroups(list(svc.groups))
+        elif svc.gid is not None:
+            os.setgroups([svc.gid])
     if svc.gid is not None:
-        if os.geteuid() == 0:
-            os.setgroups(list(svc.groups or (svc.gid,)))
         os.setgid(svc.gid)
     if svc.uid is not None:
         os.setuid(svc.uid)
+    if svc.capabilities:
+        caps.raise_ambient(svc.capabilities)
+    if svc.no_new_privileges:
+        caps.no_new_privileges()
 
 
 def _run_python(svc: Service, env: dict[str, str], wait: bool) -> None:

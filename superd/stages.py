@@ -3,14 +3,59 @@
 A stage is a small class with the `pipeline.Stage` shape: `check` answers at once or WAITs,
 `expired` says what a passed deadline means, `cancel` undoes what a waiting check set up.
 `build()` makes a service's list once, from its table entry, in the order they run: a new
-stage is one class here and one line in `build()`.
+stage is one class here (or in a module of its own) and one line in `build()`. A service
+whose entry asks for none of them gets an empty list, and its connections skip this step.
+
+Stages that must look something up (a name, the ident answer) are `lookups.LookupStage`s:
+they say which facts they miss, `superd/lookups.py` asks for them without blocking, and the
+stage decides once they are in. The daemon's one resolver and sensor ban list are `Shared` by all
+services of a loop.
 """
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from superd import policy, wrappers
 from superd.access import Network, allowed
 from superd.config import Service
+from superd.hostpatterns import NO_MATCH, HostSet, plain
+from superd.log import Log
+from superd.lookups import USER, Facts, Key, LookupStage, Sources
+from superd.loop import Loop
 from superd.pipeline import Connection, Done, Stage, Waiting
+from superd.resolver import Resolver
+from superd.rules import Rules
+
+
+class Shared:
+    """What every service of one loop shares: the resolver and the sensor bans."""
+
+    def __init__(self, loop: Loop):
+        self.sources = Sources(loop, Resolver(loop))
+        self.bans = policy.Bans()
+
+
+_SHARED: weakref.WeakKeyDictionary[Loop, Shared] = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class Tools:
+    """What a service's stages are given: the loop, the log, and how many connections of a
+    peer the service has now (its limits count them)."""
+
+    loop: Loop
+    log: Log
+    active_from: Callable[[str], int]
+
+    @property
+    def shared(self) -> Shared:
+        shared = _SHARED.get(self.loop)
+        if shared is None:
+            shared = _SHARED[self.loop] = Shared(self.loop)
+        return shared
 
 
 class Access:
@@ -32,9 +77,87 @@ class Access:
         pass
 
 
-def build(config: Service) -> tuple[Stage, ...]:
+class NameAccess(LookupStage):
+    """only_from / no_access with host names or .domains in them (refused: `address`, or
+    `dns` when a lookup that could have refused the peer failed)."""
+
+    name = "access"
+
+    def __init__(self, sources: Sources, timeout: float, only: HostSet, deny: HostSet):
+        super().__init__(sources, timeout)
+        self.only, self.deny = only, deny
+
+    def decide(self, conn: Connection, facts: Facts) -> str | None | list[Key]:
+        ip = conn.peer
+        if not isinstance(conn.addr, tuple):
+            return None if not self.only else "address"  # a unix peer: no address to match
+        if self.deny.net_match(ip) == plain(ip).max_prefixlen:
+            return "address"  # nothing can be more specific: no lookup needed
+        missing = [k for k in self.only.needs(ip) + self.deny.needs(ip) if k not in facts]
+        if missing:
+            return missing
+        allow, allow_failed = self.only.match(ip, facts)
+        deny, deny_failed = self.deny.match(ip, facts)
+        if deny_failed:
+            return "dns"  # a no_access rule might have matched: refuse, never allow
+        if deny != NO_MATCH and deny >= allow:
+            return "address"
+        if allow != NO_MATCH or not self.only:
+            return None
+        return "dns" if allow_failed else "address"
+
+
+class Ident(LookupStage):
+    """Ask the client's ident server; TCPREMOTEINFO for the handler, a USERID log line.
+    `required` (xinetd's IDONLY) refuses a client without an answer (reason `ident`)."""
+
+    name = "ident"
+    on_timeout = None
+
+    def __init__(self, sources: Sources, timeout: float, required: bool,
+                 log_userid: bool, log: Log, service: str):
+        super().__init__(sources, timeout)
+        self.required, self.log_userid, self.log, self.service = (required, log_userid, log,
+                                                                  service)
+        if required:
+            self.on_timeout = "ident"
+
+    def decide(self, conn: Connection, facts: Facts) -> str | None | list[Key]:
+        if USER not in facts:
+            return [USER]
+        identity = facts[USER]
+        if identity is None:
+            return "ident" if self.required else None
+        conn.userid = identity.user
+        conn.env = {**(conn.env or {}), "TCPREMOTEINFO": identity.user}
+        if self.log_userid:
+            self.log.info(f"USERID: {self.service} {identity.text}", SUPERD_SERVICE=self.service,
+                          REMOTE_ADDR=conn.peer)
+        return None
+
+
+def build(config: Service, tools: Tools | None = None) -> tuple[Stage, ...]:
     """The stages of `config`'s connections, in the order they run."""
     stages: list[Stage] = []
-    if config.only_from or config.no_access:
+    if tools is not None and policy.wanted(config):
+        stages += policy.early_stages(config, tools.shared.bans, tools.log, tools.loop)
+    only = HostSet(config.only_from, config.only_from_names)
+    deny = HostSet(config.no_access, config.no_access_names)
+    if tools is not None and (only.names or deny.names):
+        stages.append(NameAccess(tools.shared.sources, config.lookup_timeout, only, deny))
+    elif config.only_from or config.no_access:
         stages.append(Access(config.only_from, config.no_access))
-    return tuple(stages)
+    if tools is not None:
+        sources, timeout = tools.shared.sources, config.lookup_timeout
+        if config.rules:
+            stages.append(Rules(sources, timeout, config.rules))
+        if config.ident:
+            stages.append(Ident(sources, timeout, config.ident == "required",
+                                "userid" in config.log_on_success | config.log_on_failure,
+                                tools.log, config.name))
+        if config.tcp_wrappers:
+            stages.append(wrappers.TcpWrappers(sources, timeout, config.tcp_wrappers,
+                                               tools.log))
+        if policy.wanted(config):
+            stages += policy.late_stages(config, sources, tools.active_from, tools.loop)
+    return tuple(policy.with_fail_banner(stages, config.banner_fail))

@@ -19,7 +19,7 @@ MAX_LINE = 4096
 class StderrLines:
     def __init__(self, loop: Loop, log: Log, fd: int, service: str):
         self.loop, self.log, self.fd = loop, log, fd
-        self.prefix = f"{service}: "
+        self.prefix, self.service = f"{service}: ", service
         self.partial = b""
         os.set_blocking(fd, False)
         loop.add(fd, READ, self.ready)
@@ -51,7 +51,7 @@ class StderrLines:
     def _emit(self, line: bytes) -> None:
         text = line.rstrip(b"\r").decode("utf-8", "replace")
         if text:
-            self.log.info(self.prefix + text)
+            self.log.info(self.prefix + text, SUPERD_SERVICE=self.service)
 
 
 def open_pipe(loop: Loop, log: Log, service: str) -> int:

@@ -617,6 +617,9 @@ class Superd:
     stopped_rc: int | None = None
     expect_rc: int = 0  # the exit status superd must end with (0 after SIGTERM)
     started_ticks: int = 0  # when the daemon process started (clock ticks since boot)
+    # argv run in front of `python -m superd` (a program that execs the rest, keeping the pid:
+    # dns_lib.private_etc runs superd in a mount namespace of its own)
+    prefix: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -673,10 +676,12 @@ class Superd:
 
         `passed`: (name, socket) pairs handed over as systemd's socket activation does (on fds
         3.., LISTEN_FDS, LISTEN_FDNAMES, LISTEN_PID), the test keeping its own copies.
-        `prefix`: a command superd runs under, e.g. [prlimit, --nofile=64:64, --].
+        `prefix`: a command superd runs under, e.g. [prlimit, --nofile=64:64, --] (by default
+        the daemon's own `prefix`).
         """
         if services is not None or text is not None:
             self.write_table(services, text=text, settings=settings, defaults=defaults)
+        prefix = list(prefix) or self.prefix
         argv = [*prefix, PY, "-m", "superd", "run", "-c", str(self.table)]
         if prefix:
             argv[0] = shutil.which(argv[0]) or argv[0]

@@ -51,7 +51,7 @@ def test_bash_completes_commands_and_every_option_of_each():
     for command in cli.COMMANDS:
         offered = set(complete(f"superd {command} --"))
         assert offered == long_options(command), command
-    assert complete("superd import ") == ["inetd", "systemd", "xinetd"]
+    assert complete("superd import ") == ["inetd", "systemd", "tcprules", "xinetd"]
     assert complete("superd run --daemon --p") == ["--pidfile"]
 
 

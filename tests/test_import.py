@@ -226,7 +226,6 @@ def test_inetd_exact_translations():
     ("openbsd.conf", "socket type raw"),
     ("freebsd.conf", "tcp: IPv4 only, as FreeBSD's inetd reads it (the file has FreeBSD's "
                      "$FreeBSD$ mark)"),
-    ("freebsd.conf", "FreeBSD's connections per IP per minute"),
     ("freebsd.conf", "login classes"),
 ])
 def test_inetd_reasons_are_given(fixture, needle):
@@ -254,7 +253,8 @@ XINETD_MAPPED = {
     "per_source", "cps", "env", "passenv", "only_from", "no_access", "log_on_success",
     "log_on_failure", "port", "bind", "interface", "disable", "id", "type", "flags", "nice",
     "umask", "rlimit_as", "rlimit_cpu", "rlimit_files", "v6only", "groups", "log_type",
-    "disabled", "enabled",
+    "disabled", "enabled", "access_times", "banner", "banner_success", "banner_fail",
+    "max_load", "deny_time", "libwrap", "redirect", "rlimit_data", "rlimit_rss", "rlimit_stack",
 }
 
 
@@ -314,56 +314,65 @@ def test_xinetd_fields_round_trip():
     s = all_services(text)
     assert doc["settings"] == {"syslog": {"facility": "authpriv"}}
     assert doc["defaults"] == {
-        "instances": 60, "per_source": 10, "rate": "25/s", "umask": "022",
+        "instances": 60, "per_source": 10, "rate": "25/s", "umask": "022", "syslog_level": "info",
         "only_from": ["127.0.0.1/32", "10.0.0.0/8", "192.168.1.0/24", "192.168.2.0/24", "::1"],
         "no_access": ["10.1.2.3/32"], "log_on_success": ["pid", "host", "duration"],
         "log_on_failure": ["host"], "passenv": ["LANG"]}
     assert s["rsync"] == {
         "listen": "873", "wait": False, "exec": ["rsync", "--daemon", "--config=/etc/rsyncd.conf"],
         "program": "/usr/bin/rsync", "user": "root", "instances": 30, "per_source": 4,
-        "rlimits": {"nofile": 256, "as": 64 << 20, "cpu": 60}, "stderr": "socket"}
+        "rlimits": {"nofile": 256, "as": 64 << 20, "cpu": 60, "stack": 8 << 20}, "stderr": "socket",
+        "log_on_failure": ["host", "userid"], "tcp_wrappers": True}
     assert s["git"] == {
         "listen": "127.0.0.1:9418", "wait": False, "user": "nobody", "group": "nogroup",
         "exec": ["git", "daemon", "--inetd", "--export-all", "--base-path=/srv/git", "/srv/git"],
         "program": "/usr/bin/git", "umask": "027", "nice": 10,
         "env": {"HOME": "/srv/git", "GIT_HTTP_MAX_REQUEST_BUFFER": "100M"},
         "passenv": ["LANG", "TZ"], "stderr": "socket",
-        "only_from": ["127.0.0.1/32", "192.168.1.0/24", "192.168.2.0/24", "::1"]}
+        "only_from": ["127.0.0.1/32", "192.168.1.0/24", "192.168.2.0/24", "::1"],
+        "log_on_failure": ["host", "userid"], "tcp_wrappers": True}
     assert s["tftp"] == {
         "listen": "0.0.0.0:69", "protocol": "udp", "wait": True, "user": "root",
         "exec": ["in.tftpd", "-s", "/srv/tftp", "-u", "tftp"], "program": "/usr/sbin/in.tftpd",
         "per_source": 11, "rate": "100/s", "stderr": "socket"}
     assert s["time-stream"] == {"listen": "37", "wait": False, "internal": "time",
-                                "user": "root", "only_from": ["127.0.0.1/32", "::1"]}
+                                "user": "root", "only_from": ["127.0.0.1/32", "::1"],
+                                "tcp_wrappers": "time"}
     assert s["echo-stream"]["disabled"] and s["echo-dgram"]["disabled"]
     assert s["echo-dgram"]["protocol"] == "udp" and s["echo-dgram"]["internal"] == "echo"
     assert s["catd"] == {
         "listen": "20020", "wait": False, "exec": ["cat"], "program": "/bin/cat",
         "user": "nobody", "only_from": ["0.0.0.0/0", "::/0"], "stderr": "socket",
-        "log_on_success": ["pid", "host", "exit"], "log_on_failure": ["attempt"]}
+        "log_on_success": ["pid", "host", "exit"], "log_on_failure": ["attempt"],
+        "tcp_wrappers": True}
     assert s["ftp"]["exec"] == ["/usr/sbin/in.ftpd", "-l"] and "program" not in s["ftp"]
     assert s["ftp"]["user"] == "root" and s["ftp"]["instances"] == 4 and s["ftp"]["nice"] == 10
-    assert s["ftp"]["only_from"] == ["198.51.100.0/24"]
+    assert s["ftp"]["only_from"] == ["ftp.example.org", ".example.net", "198.51.100.0/24"]
+    assert s["ftp"]["no_access"] == ["10.1.2.3/32", "badhost.example.com"]
     assert s["ftp"]["nodelay"] is True  # flags NODELAY
-    assert s["ftp"]["disabled"] is True  # its no_access names a host superd cannot match
+    assert s["ftp"]["tcp_wrappers"] is True  # tcpd's hosts.allow/hosts.deny, by superd
+    assert s["ftp"]["access_times"] == ["2:00-9:00", "12:00-24:00"]
+    assert (s["ftp"]["banner"], s["ftp"]["max_load"]) == ("/etc/issue.net", 2.5)
+    assert (s["ftp"]["log_file"], s["ftp"]["groups"]) == ("/var/log/ftp.log", [])
+    assert s["ftp"]["log_on_success"] == ["pid", "host", "duration", "userid"]
+    assert s["ftp-data"] == {"listen": "20", "wait": False, "sensor": True, "deny_time": 1440}
+    assert s["telnet"]["redirect"] == "192.0.2.10:23" and s["telnet"]["tcp_wrappers"] == "telnet"
+    assert "tcp_wrappers" not in s["tftp"]  # a UDP service: a comment says so
     assert s["svn"]["listen"] == "3690" and s["svn"]["exec"] == ["svnserve", "-i", "-r", "/srv/svn"]
     assert s["daytime-udp"] == {"listen": "0.0.0.0:13", "protocol": "udp", "wait": True,
                                 "internal": "daytime"}
     assert s["discard"]["disabled"] is True  # xinetd rejects the entry: kept, disabled
-    assert not {"rstatd", "telnet", "servers", "ftp-data", "tcpmux", "myorg_server"} & set(s)
+    assert not {"rstatd", "servers", "tcpmux", "myorg_server"} & set(s)
 
 
 @pytest.mark.parametrize("needle", [
     "Sun RPC service", "TCPMUX (RFC 1078)", "xinetd's built-in 'servers'", "SENSOR:",
-    "redirect: superd does not forward", "exec: [/usr/bin/socat",
-    "access_times = 2:00-9:00 12:00-24:00 -- superd has no time-of-day windows",
-    "banner = /etc/issue.net -- superd sends no banners",
-    "banner_fail = /etc/xinetd.d/banner.fail", "log_on_success USERID",
-    "only_from ftp.example.org -- host, domain and network names",
-    "only_from .example.net", "no_access badhost.example.com",
-    "max_load = 2.5", "log_type = FILE /var/log/ftp.log", "groups = no",
+    "banner_fail: /etc/xinetd.d/banner.fail -- would not load here",
+    "xinetd's libwrap checked hosts.allow/hosts.deny for it too; superd's tcp_wrappers "
+    "applies to the connections it accepts itself", "applies /etc/hosts.allow and "
+    "/etc/hosts.deny",
     "flags REUSE: superd always sets SO_REUSEADDR",
-    "user = ftp -- given twice: xinetd keeps the first", "rlimit_stack = 8M",
+    "user = ftp -- given twice: xinetd keeps the first",
     "cps 25 30: xinetd turned the service off for 30 s", "mdns = yes",
     "colour = blue -- not an xinetd service attribute", "no such user 'svn'",
     "no such executable file", "xinetd needs '{' on a line of its own",

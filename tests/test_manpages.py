@@ -1,6 +1,6 @@
 """The man pages are the user contract (issue 15): complete, clean, installed where man looks.
 
-- every key the parser accepts (superd/fields.py SERVICE_KEYS, the settings of superd/config.py)
+- every key the parser accepts (superd/config.py SERVICE_KEYS, the settings of superd/config.py)
   and every value of a choice key has its entry in superd.yaml(5), with type, default and
   example; every command, option and exit code of the command line is in superd(8);
 - the pages render with neither `mandoc -T lint` nor `groff -ww` saying anything;
@@ -108,8 +108,8 @@ def entry_problems(what: str, section: str, accepted: list[str], source: str) ->
 
 
 def test_every_service_key_has_an_entry_with_type_default_and_example():
-    problems = entry_problems("service", "Service keys", list(fields.SERVICE_KEYS),
-                              "superd/fields.py SERVICE_KEYS")
+    problems = entry_problems("service", "Service keys", list(config.SERVICE_KEYS),
+                              "superd/config.py SERVICE_KEYS")
     assert not problems, "\n".join(problems)
 
 
@@ -233,7 +233,7 @@ def plain_text(page: Path) -> str:
 
 def test_rendered_table_page_shows_every_key(rendered):
     text = plain_text(rendered["superd.yaml.5"])
-    missing = [k for k in [*fields.SERVICE_KEYS, *settings_keys()]
+    missing = [k for k in [*config.SERVICE_KEYS, *settings_keys()]
                if not re.search(rf"^\s+{re.escape(k)}\b", text, re.M)]
     assert not missing, f"keys not shown as an entry by `man superd.yaml`: {missing}"
     assert re.search(r"^\s+Default: 128$", text, re.M), "backlog's default as shown"

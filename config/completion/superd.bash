@@ -70,7 +70,7 @@ _superd()
         import) options="--check --flavour --split --help"
             if [[ $cur != -* ]]; then
                 if ((positional == 0)); then
-                    COMPREPLY=($(compgen -W "inetd xinetd systemd" -- "$cur"))
+                    COMPREPLY=($(compgen -W "inetd xinetd systemd tcprules" -- "$cur"))
                 else
                     _superd_files "$cur"
                 fi

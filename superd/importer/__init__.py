@@ -1,5 +1,6 @@
 """`superd import inetd|xinetd|systemd FILE... [--check] [--split DIR]`: an existing inetd,
 xinetd or systemd socket-activated setup as a superd table.
+(`superd import tcprules FILE` writes a `rules:` list instead: superd/importer/tcprules.py.)
 
 The YAML goes to stdout, every line of it explained: each service shows the input it came from,
 `note:` comments say where superd behaves differently, `not carried over:` comments keep what
@@ -23,7 +24,7 @@ import tempfile
 from collections.abc import Callable
 
 from superd.config import Table, load_table
-from superd.importer import inetd, split, systemd, xinetd
+from superd.importer import inetd, split, systemd, tcprules, xinetd
 from superd.importer.common import (
     Entry,
     Remark,
@@ -43,6 +44,11 @@ def run_import(kind: str, files: list[str], check: bool = False, flavour: str | 
                split_dir: str | None = None) -> int:
     """Print the translated table on stdout (or write it into `split_dir` as a conf.d/
     layout); report on stderr; 0 when the result loads."""
+    if kind == "tcprules":  # rules for a service's `rules:`, not a table
+        if len(files) != 1:
+            print("superd import tcprules: give one file", file=sys.stderr)
+            return 2
+        return tcprules.run_import(files[0], check)
     try:
         t = _translate(kind, files, flavour)
     except OSError as e:

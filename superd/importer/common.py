@@ -212,6 +212,14 @@ def unwrap_tcpd(argv: list[str]) -> tuple[list[str], str]:
     return argv, real if real.startswith("/") else os.path.join(REAL_DAEMON_DIR, real)
 
 
+def wrap_tcpd(entry: Entry, tcpd: str, program: str) -> None:
+    """tcpd left out of argv: superd runs the daemon and checks hosts.allow/hosts.deny
+    itself (tcp_wrappers: true uses argv[0]'s base name, as tcpd does)."""
+    entry.keys["tcp_wrappers"] = True
+    entry.note(f"{tcpd} (TCP wrappers) left out: superd runs {program} itself and applies "
+               "/etc/hosts.allow and /etc/hosts.deny (tcp_wrappers), as tcpd did")
+
+
 def set_exec(entry: Entry, argv: list[str], program: str) -> None:
     """exec is the argv the program sees, exactly; program only when argv[0] is not its path."""
     entry.keys["exec"] = list(argv)

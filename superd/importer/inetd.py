@@ -31,6 +31,7 @@ from superd.importer.common import (
     resolve,
     set_exec,
     unwrap_tcpd,
+    wrap_tcpd,
 )
 
 OFF = "#<off>#"  # Debian's update-inetd comments a service out with this prefix
@@ -54,8 +55,9 @@ def translate(path: str, flavour: str | None = None) -> Translation:
         "Each service shows the inetd.conf line it came from. `note:` lines say where superd",
         "behaves differently; `not carried over:` lines are what superd cannot do, and why.",
         f"Read as {dialect.LABELS[flavour]} reads it ({why}).",
-        "superd does not read /etc/hosts.allow or /etc/hosts.deny (TCP wrappers): write such",
-        "rules as only_from / no_access.", *STDERR_HEADER,
+        "A service run through tcpd gets tcp_wrappers (superd reads /etc/hosts.allow and",
+        "/etc/hosts.deny itself); `inetd -l` (FreeBSD -w/-W) wrapped every service: add",
+        "tcp_wrappers: true to each then.", *STDERR_HEADER,
         "See docs/migrating.md for the whole mapping.",
     ])
     for file, lines in texts:
@@ -241,8 +243,7 @@ def _server(e: Entry, service: str, socktype: str, proto: str, server: str, argv
     argv = argv or [os.path.basename(server)]  # inetd's own rule for an empty argv
     if os.path.basename(server) == "tcpd":
         argv, program = unwrap_tcpd(argv)
-        e.note(f"{server} (TCP wrappers) left out: superd runs {program} itself and does not "
-               "read hosts.allow/hosts.deny; write those rules as only_from/no_access")
+        wrap_tcpd(e, server, program)
         set_exec(e, argv, program)
     else:
         set_exec(e, argv, server)
@@ -311,9 +312,8 @@ def _wait(e: Entry, spec: str, where: str) -> str | None:
     for i, value in enumerate(freebsd[:3]):
         if not value.isdigit() or int(value) == 0:
             continue  # FreeBSD: 0 or empty means no limit
-        if i == 1:
-            e.drop(where, f"/{value}", "FreeBSD's connections per IP per minute: superd has "
-                                       "no per-source rate")
+        if i == 1:  # FreeBSD's max-connections-per-ip-per-minute
+            e.keys["per_source_rate"] = f"{int(value)}/min"
         else:
             e.keys[names[i]] = int(value)
     if len(freebsd) > 3:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from superd.config import FACILITIES
 from superd.fields import INTERNAL
+from superd.importer import xinetd_policy as xp
 from superd.importer import xinetd_values as xv
 from superd.importer.common import (
     STDERR_HEADER,
@@ -30,8 +31,9 @@ from superd.importer.common import (
     resolve,
     set_exec,
     unwrap_tcpd,
+    wrap_tcpd,
 )
-from superd.importer.xinetd_attrs import DROPPED, cps, env, groups, other
+from superd.importer.xinetd_attrs import DROPPED, cps, env, other
 from superd.importer.xinetd_read import Attr, Block, Reader
 
 SETS = ("only_from", "no_access", "log_on_success", "log_on_failure", "passenv")
@@ -87,9 +89,9 @@ def translate(path: str) -> Translation:
         f"superd service table imported from {path} by `superd import xinetd`.",
         "Each service shows the xinetd entry it came from. `note:` lines say where superd",
         "behaves differently; `not carried over:` lines are what superd cannot do, and why.",
-        "xinetd built with libwrap also applied /etc/hosts.allow and /etc/hosts.deny; superd",
-        "does not: write such rules as only_from / no_access.", *STDERR_HEADER,
-        "See docs/migrating.md for the whole mapping.",
+        "xinetd built with libwrap (Debian's is) applied /etc/hosts.allow and /etc/hosts.deny",
+        "to every service: so does superd, with tcp_wrappers (flags = NOLIBWRAP turns it off).",
+        *STDERR_HEADER, "See docs/migrating.md for the whole mapping.",
     ])
     d = Defaults()
     svcs: list[Svc] = []
@@ -187,6 +189,7 @@ def _service(block: Block, d: Defaults) -> Svc | Remark:
     if problem:
         return not_carried(block.where, problem, block.text)
     other(entry, seen, flags)
+    xp.wrappers(entry, block.name, flags, bool(entry.keys.get("wait")), transport == "udp")
     return svc
 
 
@@ -232,11 +235,6 @@ def _kind_problem(seen: dict[str, Attr], types: set[str], flags: set[str]) -> st
     if types & {"TCPMUX", "TCPMUXPLUS"}:
         return ("TCPMUX (RFC 1078): superd has no tcpmux multiplexer; give the service a port "
                 "of its own")
-    if "SENSOR" in flags:
-        return "SENSOR: superd has no sensor that bans a client from every service"
-    if "redirect" in seen:
-        return ("redirect: superd does not forward connections itself; a handler can, e.g. "
-                f"exec: [/usr/bin/socat, \"-\", \"TCP:{':'.join(seen['redirect'].values)}\"]")
     return None
 
 
@@ -258,6 +256,8 @@ def _run(entry: Entry, name: str, seen: dict[str, Attr], types: set[str], flags:
         if values.get(key):
             v = values[key][0]
             entry.keys[key] = int(v) if v.isdigit() else v
+    if xp.kind(entry, seen, flags):
+        return None  # a redirect or a sensor: no server to run
     if "INTERNAL" in types:
         if name not in INTERNAL:
             return (f"xinetd's built-in {name!r}: superd's built-ins are {', '.join(INTERNAL)}"
@@ -276,8 +276,7 @@ def _run(entry: Entry, name: str, seen: dict[str, Attr], types: set[str], flags:
         argv, program = (unwrap_tcpd(args) if os.path.basename(server) == "tcpd"
                          else (args, server))
         if program != server:
-            entry.note(f"{server} (TCP wrappers) left out: superd runs {program} itself and "
-                       "does not read hosts.allow/hosts.deny")
+            wrap_tcpd(entry, server, program)
     else:
         if "NAMEINARGS" in flags:
             entry.keys["disabled"] = True
@@ -306,8 +305,8 @@ def _finish(t: Translation, d: Defaults, svcs: list[Svc]) -> None:
             dflt["umask"] = xv.umask(a.values)
         elif name == "cps":
             cps(dflt, note, drop, a)
-        elif name == "groups":
-            groups(a, note, drop)
+        elif xp.default_attribute(dflt, note, drop, a):
+            pass
         elif name in ("bind", "interface", "v6only"):
             note(f"{a.text}: applied to the listen address of every service")
         else:
@@ -316,11 +315,13 @@ def _finish(t: Translation, d: Defaults, svcs: list[Svc]) -> None:
     if words:
         if words[0].upper() == "SYSLOG" and len(words) > 1 and words[1] in FACILITIES:
             t.settings["syslog"] = {"facility": words[1]}
-            note(f"log_type = {' '.join(words)}: settings.syslog.facility (superd picks the "
-                 "level per event)")
+            note(f"log_type = {' '.join(words)}: settings.syslog.facility"
+                 + (", and syslog_level for every service" if len(words) > 2 else ""))
+            if len(words) > 2 and words[2] in xp.LEVELS:
+                dflt["syslog_level"] = words[2]
         else:
-            drop("defaults", f"log_type = {' '.join(words)}", "superd logs to syslog only "
-                 "(settings.syslog)")
+            xp.log_type(dflt, drop, Attr("log_type", "=", words, "defaults",
+                                         f"log_type = {' '.join(words)}"))
     acl, _ = xv.acl_keys(d.sets.get("only_from"), d.sets.get("no_access"))
     dflt.update(acl)
     for key in ("log_on_success", "log_on_failure"):
@@ -353,14 +354,10 @@ def _finish_service(s: Svc, d: Defaults, dflt: dict) -> None:
     elif host == "*" and v6only:
         host = "::"
     e.keys["listen"] = f"[::]:{s.port}" if host == "::" else listen_text(host, s.port)
-    acl, names = xv.acl_keys(s.sets["only_from"], s.sets["no_access"])
+    acl, _ = xv.acl_keys(s.sets["only_from"], s.sets["no_access"])
     for key in ("only_from", "no_access"):
         if acl.get(key, []) != dflt.get(key, []):
             e.keys[key] = acl.get(key, [])
-    if names:
-        e.keys["disabled"] = True
-        e.note("its no_access names hosts superd cannot match; kept disabled so it does not "
-               "let in more than before (write their addresses, then enable it)")
     for key in ("log_on_success", "log_on_failure"):
         fields = s.sets[key]
         if fields is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from superd.importer import xinetd_policy as xp
 from superd.importer import xinetd_values as xv
 from superd.importer.common import Entry
 from superd.importer.xinetd_read import Attr
@@ -16,29 +17,17 @@ from superd.importer.xinetd_read import Attr
 Note = Callable[[str], None]
 
 DROPPED = {
-    "access_times": "superd has no time-of-day windows",
-    "banner": "superd sends no banners (a wrapper script can: cat FILE; exec the server)",
-    "banner_success": "superd sends no banners (a wrapper script can: cat FILE; exec ...)",
-    "banner_fail": "superd sends no banners; a refused client is just closed",
-    "log_type": "superd logs every service to its one syslog facility (settings.syslog)",
-    "max_load": "superd does not watch the load average",
-    "deny_time": "goes with the SENSOR flag, which superd does not have",
-    "libwrap": "superd does not use TCP wrappers",
     "mdns": "superd does not register services with mDNS",
     "leaky_bucket": "use superd's rate (a token bucket)",
     "rpc_version": "only for RPC services",
     "rpc_number": "only for RPC services",
-    "rlimit_data": "superd's rlimits are nofile, nproc, as, cpu, core and fsize",
-    "rlimit_rss": "superd's rlimits are nofile, nproc, as, cpu, core and fsize",
-    "rlimit_stack": "superd's rlimits are nofile, nproc, as, cpu, core and fsize",
 }
 SOCKET_FLAGS = {"NODELAY": "nodelay", "KEEPALIVE": "keepalive"}
 FLAGS = {
     "REUSE": (False, "superd always sets SO_REUSEADDR"),
-    "NOLIBWRAP": (False, "superd never consults TCP wrappers"),
+    "NOLIBWRAP": (False, "no tcp_wrappers for this service"),
     "NORETRY": (False, "superd never retries a start that failed (it logs FAIL and closes)"),
     "INTERCEPT": (True, "superd does not interpose on a wait service's traffic"),
-    "IDONLY": (True, "superd does not ask the client's ident server (RFC 1413)"),
     "LABELED": (True, "superd does not switch SELinux contexts"),
 }
 
@@ -49,6 +38,8 @@ def other(entry: Entry, seen: dict[str, Attr], flags: set[str]) -> None:
         v = a.values
         if name in DROPPED:
             entry.drop(a.where, a.text, DROPPED[name])
+        elif name in xp.ATTRIBUTES:
+            xp.attribute(entry, a)
         elif name in ("instances", "per_source"):
             got = xv.count(v)
             if got is None:
@@ -68,7 +59,7 @@ def other(entry: Entry, seen: dict[str, Attr], flags: set[str]) -> None:
         elif name in xv.RLIMITS and xv.rlimit(v) is not None:
             entry.keys.setdefault("rlimits", {})[xv.RLIMITS[name]] = xv.rlimit(v)
         elif name == "groups":
-            groups(a, entry.note, entry.drop)
+            xp.groups(entry.keys, a, entry.note, entry.drop)
         elif name == "disable" and xv.yes_no(v) is not None:
             if xv.yes_no(v):
                 entry.keys["disabled"] = True
@@ -76,6 +67,8 @@ def other(entry: Entry, seen: dict[str, Attr], flags: set[str]) -> None:
                 name == "v6only" and xv.yes_no(v) is None):
             entry.drop(a.where, a.text, "not a value xinetd accepts either")
     for flag in sorted(flags):
+        if xp.flag(entry, flag):
+            continue
         if flag == "DISABLE":
             entry.keys["disabled"] = True
         elif flag in SOCKET_FLAGS:
@@ -108,14 +101,6 @@ def cps(keys: dict, note: Note, drop: xv.Drop, a: Attr) -> None:
     note(f"cps {' '.join(a.values)}: xinetd turned the service off for {a.values[1]} s when "
          f"more than {a.values[0]} connections came in a second; superd's rate {got} pauses "
          "accepting until a token is free (no connection is refused)")
-
-
-def groups(a: Attr, note: Note, drop: xv.Drop) -> None:
-    """superd always gives a handler its user's supplementary groups: yes matches, no does not."""
-    if xv.yes_no(a.values):
-        note("groups = yes: superd always sets the supplementary groups of user")
-    else:
-        drop(a.where, a.text, "superd always sets the supplementary groups of user")
 
 
 def env(entry: Entry, environ: dict[str, str], a: Attr) -> None:

@@ -11,6 +11,8 @@ import ipaddress
 import re
 from collections.abc import Callable
 
+from superd.hostpatterns import is_name
+
 Drop = Callable[[str, str, str], None]
 
 
@@ -21,9 +23,10 @@ def _quiet(where: str, what: str, why: str) -> None:
 QUIET: Drop = _quiet
 
 SUCCESS = {"PID": "pid", "HOST": "host", "EXIT": "exit", "DURATION": "duration",
-           "TRAFFIC": "traffic"}
-FAILURE = {"HOST": "host", "ATTEMPT": "attempt"}
-RLIMITS = {"rlimit_as": "as", "rlimit_cpu": "cpu", "rlimit_files": "nofile"}
+           "TRAFFIC": "traffic", "USERID": "userid"}
+FAILURE = {"HOST": "host", "ATTEMPT": "attempt", "USERID": "userid"}
+RLIMITS = {"rlimit_as": "as", "rlimit_cpu": "cpu", "rlimit_files": "nofile", "rlimit_data": "data",
+           "rlimit_rss": "rss", "rlimit_stack": "stack"}
 FACTORIZED = re.compile(r"(\d{1,3}(?:\.\d{1,3}){0,2})\.\{(\d{1,3}(?:,\d{1,3})*)\}")
 
 
@@ -73,7 +76,8 @@ def acl_token(token: str) -> list[str] | str:
     """One only_from/no_access word as addresses/CIDRs, or the reason it cannot be one.
 
     xinetd's forms: a.b.c.d (trailing zero parts are wildcards: 10.1.0.0 is 10.1/16, 0.0.0.0
-    is everything), a.b.{c,d} (factorized), CIDR, IPv6; host, domain and network names.
+    is everything), a.b.{c,d} (factorized), CIDR, IPv6; host names and .domains (kept as
+    they are: superd looks them up; a name from /etc/networks is taken as a host name).
     """
     m = FACTORIZED.fullmatch(token)
     if m:
@@ -92,8 +96,9 @@ def acl_token(token: str) -> list[str] | str:
             return [str(ipaddress.ip_network(token, strict=False))]
         ip = ipaddress.ip_address(token)
     except ValueError:
-        return ("host, domain and network names: superd matches addresses only (no name "
-                "lookups); write the addresses or CIDRs")
+        if is_name(token):
+            return [token]  # a host name or .domain: superd looks it up (a network name of
+        return f"{token} is not an address, a CIDR or a host name"  # /etc/networks too)
     if ip.version == 6:
         return [str(ip)]
     trailing = 0
@@ -145,9 +150,7 @@ def log_fields(tokens: list[str], success: bool, where: str, drop: Drop, what: s
     for token in tokens:
         name = table.get(token.upper())
         if name is None:
-            why = ("superd does not ask the client's ident server (RFC 1413)"
-                   if token.upper() == "USERID" else "not a field superd logs")
-            drop(where, f"{what} {token}", why)
+            drop(where, f"{what} {token}", "not a field superd logs")
         elif name not in out:
             out.append(name)
     return out

@@ -70,7 +70,8 @@ GOOD = [
     ("passenv", "[TZ, LANG]", "passenv", ("TZ", "LANG")),
     ("passenv", "TZ", "passenv", ("TZ",)),
     ("rlimits", "{nofile: 64, core: 0, cpu: unlimited}", "rlimits",
-     (("nofile", 64), ("core", 0), ("cpu", resource.RLIM_INFINITY))),
+     (("nofile", 64, 64), ("core", 0, 0),
+      ("cpu", resource.RLIM_INFINITY, resource.RLIM_INFINITY))),
     ("instances", "1", "instances", 1),
     ("instances", "unlimited", "instances", None),
     ("on_limit", "refuse", "on_limit", "refuse"),
@@ -201,11 +202,14 @@ BAD = [
     ("passenv", "[1BAD]", "'1BAD' is not a variable name"),
     ("passenv", "{A: b}", "expected a list of variable names"),
     ("passenv", "['']", "expected a list of variable names"),
-    ("rlimits", "{stack: 1}", "unknown limit 'stack' (expected nofile, nproc, as, cpu, core, "
-                              "fsize)"),
+    ("rlimits", "{stak: 1}", "unknown limit 'stak' (expected nofile, nproc, as, cpu, core, "
+                              "fsize, data, stack, rss, memlock, msgqueue, nice, rtprio, rttime, "
+                              "sigpending, locks)"),
     ("rlimits", "{nofile: -1}", "-1 is out of range (0 to 4611686018427387904)"),
     ("rlimits", "{nofile: lots}", "expected a whole number, not 'lots'"),
-    ("rlimits", "[nofile]", "expected a mapping of nofile, nproc, as, cpu, core, fsize"),
+    ("rlimits", "[nofile]", "expected a mapping of nofile, nproc, as, cpu, core, fsize, data, "
+                            "stack, rss, memlock, msgqueue, nice, rtprio, rttime, sigpending, "
+                            "locks"),
     ("instances", "0", "0 is out of range (1 to 1000000)"),
     ("instances", "many", "expected a whole number, not 'many'"),
     ("instances", "true", "expected a whole number, not True"),
@@ -215,11 +219,14 @@ BAD = [
     ("rate", "0/s", "expected N/s or N/min, not '0/s'"),
     ("rate", "5/hour", "expected N/s or N/min, not '5/hour'"),
     ("rate", "1000001/s", "expected N/s or N/min, not '1000001/s'"),
-    ("only_from", "[10.0.0.0/33]", "'10.0.0.0/33' is not an IP address or CIDR"),
-    ("only_from", "[host.example]", "'host.example' is not an IP address or CIDR"),
-    ("only_from", "['']", "expected a list of addresses or CIDRs"),
-    ("only_from", "5", "expected a list of addresses or CIDRs"),
-    ("no_access", "[300.1.1.1]", "'300.1.1.1' is not an IP address or CIDR"),
+    ("only_from", "[10.0.0.0/33]",
+     "'10.0.0.0/33' is not an IP address, a CIDR, a host name or a .domain"),
+    ("only_from", "[host_name!]",
+     "'host_name!' is not an IP address, a CIDR, a host name or a .domain"),
+    ("only_from", "['']", "expected a list of addresses, CIDRs, host names or .domains"),
+    ("only_from", "5", "expected a list of addresses, CIDRs, host names or .domains"),
+    ("no_access", "[300.1.1.1]",
+     "'300.1.1.1' is not an IP address, a CIDR, a host name or a .domain"),
     ("timeout", "0", "expected a number of seconds greater than 0, not 0"),
     ("timeout", "-1", "expected a number of seconds greater than 0, not -1"),
     ("timeout", "true", "expected a number of seconds greater than 0, not True"),
@@ -230,10 +237,10 @@ BAD = [
     ("backlog", "[1, 2]", "expected a whole number, not [1, 2]"),
     ("stderr", "file", "expected one of log, socket, null, not 'file'"),
     ("disabled", '"yes"', "expected true or false, not 'yes'"),
-    ("log_on_success", "[pid, userid]", "expected one of pid, host, exit, duration, traffic, "
-                                        "not 'userid'"),
-    ("log_on_success", "5", "expected a list of pid, host, exit, duration, traffic"),
-    ("log_on_failure", "[attempt, pid]", "expected one of host, attempt, not 'pid'"),
+    ("log_on_success", "[pid, attempt]", "expected one of pid, host, exit, duration, traffic, "
+                                         "userid, not 'attempt'"),
+    ("log_on_success", "5", "expected a list of pid, host, exit, duration, traffic, userid"),
+    ("log_on_failure", "[attempt, pid]", "expected one of host, attempt, userid, not 'pid'"),
     ("colour", "blue", "unknown key"),
 ]
 
@@ -265,18 +272,15 @@ BAD_LISTEN = [
     ("65536", "port '65536' is not a number from 1 to 65535"),
     ('"127.0.0.1:99999"', "port '99999' is not a number from 1 to 65535"),
     ('"127.0.0.1:"', "port '' is not a number from 1 to 65535"),
-    ('"localhost:7"', "'localhost' is not an IPv4 address (write IPv6 as [ADDR]:PORT; names "
-                      "are not resolved)"),
-    ('"::1:7"', "'::1' is not an IPv4 address (write IPv6 as [ADDR]:PORT; names are not "
-                "resolved)"),
+    ('"::1:7"', "'::1' is not an IPv4 address (write IPv6 as [ADDR]:PORT)"),
+    ('"10.0.0.300:7"', "'10.0.0.300' is not an IPv4 address (write IPv6 as [ADDR]:PORT)"),
     ('"[::g]:7"', "'::g' is not an IPv6 address"),
     ('":7"', "expected PORT, HOST:PORT or [V6]:PORT, not ':7'"),
     ("7.5", "expected PORT, HOST:PORT or [V6]:PORT, not 7.5"),
     ("true", "expected PORT, HOST:PORT or [V6]:PORT, not True"),
     ("/run/x.sock", "a unix socket needs protocol unix, unix-dgram or unix-seqpacket, not tcp"),
     ("[]", "expected at least one address"),
-    ('[7, "x:1"]', "entry 2: 'x' is not an IPv4 address (write IPv6 as [ADDR]:PORT; names are "
-                   "not resolved)"),
+    ('[7, "1.2.3:1"]', "entry 2: '1.2.3' is not an IPv4 address (write IPv6 as [ADDR]:PORT)"),
 ]
 
 
@@ -322,9 +326,9 @@ def test_a_missing_program_is_blamed_on_program(tmp_path):
 
 @pytest.mark.parametrize("lines, where, message", [
     (["exec: [/bin/cat]", "internal: echo"], "4: services.s.internal",
-     "give exactly one of exec, internal or python"),
+     "give exactly one of exec, internal, python, redirect or sensor"),
     (["listen: 7", "exec: [/bin/cat]", "internal: echo"], "5: services.s.internal",
-     "give exactly one of exec, internal or python"),
+     "give exactly one of exec, internal, python, redirect or sensor"),
     (["listen: 7", "internal: echo", "program: /bin/cat"], "5: services.s.program",
      "program goes with exec"),
     (["listen: 7", "protocol: udp", "exec: [/bin/cat]"], "4: services.s.protocol",
@@ -357,7 +361,7 @@ def test_a_wait_datagram_service_may_have_access_rules(tmp_path):
     ("services:\n  'bad name!': {listen: 7, internal: echo}\n", "2: services.bad name!",
      "a service name is letters, digits, '.', '_' and '-'"),
     ("services:\n  s: {listen: 7}\n", "2: services.s",
-     "give exactly one of exec, internal or python"),
+     "give exactly one of exec, internal, python, redirect or sensor"),
     ("services:\n  s: 5\n", "2: services.s", "expected a mapping of service keys"),
     ("services:\n  s:\n    listen: 7\n    listen: 8\n    internal: echo\n",
      "4: services.s.listen", "given twice"),
@@ -629,7 +633,7 @@ def test_a_unix_stream_and_a_unix_datagram_service_cannot_share_a_path(tmp_path)
 
 
 @pytest.mark.parametrize("entry, message", [
-    ("listen: 7", "give exactly one of exec, internal or python"),
+    ("listen: 7", "give exactly one of exec, internal, python, redirect or sensor"),
 ], ids=["no-kind"])
 def test_a_problem_with_a_whole_service_names_the_line_of_its_name(tmp_path, entry, message):
     assert problems(tmp_path, f"services:\n  s:\n    {entry}\n") == [

@@ -1,0 +1,89 @@
+"""Capabilities, no_new_privileges and the capability bounding set, as systemd.exec spells them.
+
+`capabilities` (systemd's AmbientCapabilities=) keeps the named capabilities across the switch
+to the service's user and the exec, as ambient capabilities: a handler running as `nobody`
+with `cap_net_bind_service` may bind port 80 and nothing more. `capability_bounding_set`
+(CapabilityBoundingSet=; a list of names to keep, or names each with `~` to drop) limits what
+the handler and everything it starts can ever gain. The calls are prctl(2) and capset(2)
+through ctypes, made in the forked child before exec; libc is loaded when this module is
+imported, in the parent (no dlopen between fork and exec).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+NAMES = (
+    "chown dac_override dac_read_search fowner fsetid kill setgid setuid setpcap "
+    "linux_immutable net_bind_service net_broadcast net_admin net_raw ipc_lock ipc_owner "
+    "sys_module sys_rawio sys_chroot sys_ptrace sys_pacct sys_admin sys_boot sys_nice "
+    "sys_resource sys_time sys_tty_config mknod lease audit_write audit_control setfcap "
+    "mac_override mac_admin syslog wake_alarm block_suspend audit_read perfmon bpf "
+    "checkpoint_restore").split()
+NUMBERS = {f"cap_{name}": i for i, name in enumerate(NAMES)}
+PR_SET_KEEPCAPS, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT = 8, 24, 38, 47
+PR_CAP_AMBIENT_RAISE = 2
+CAP_VERSION_3 = 0x20080522
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def parse(names: list[str]) -> tuple[int, ...]:
+    """Capability numbers for `cap_x` names (case as you like); ValueError for others."""
+    out = []
+    for name in names:
+        number = NUMBERS.get(name.lower())
+        if number is None:
+            raise ValueError(f"{name!r} is not a capability (cap_net_bind_service, ...)")
+        out.append(number)
+    return tuple(sorted(set(out)))
+
+
+def bounding(names: list[str]) -> tuple[int, ...]:
+    """The set to keep: the names given, or, when each starts with `~`, all but those."""
+    drops = [n.startswith("~") for n in names]
+    if any(drops) and not all(drops):
+        raise ValueError("either list capabilities to keep or, each with ~, ones to drop")
+    if names and all(drops):
+        dropped = set(parse([n[1:] for n in names]))
+        return tuple(c for c in range(last_cap() + 1) if c not in dropped)
+    return parse(names)
+
+
+def last_cap() -> int:
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return len(NAMES) - 1
+
+
+def _prctl(*args: int) -> None:
+    if _libc.prctl(*(ctypes.c_ulong(a) for a in args)) != 0:
+        raise OSError(ctypes.get_errno(), f"prctl({args[0]}): {os.strerror(ctypes.get_errno())}")
+
+
+def drop_bounding(keep: tuple[int, ...]) -> None:
+    for cap in range(last_cap() + 1):
+        if cap not in keep:
+            _prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)
+
+
+def keep_over_setuid() -> None:
+    _prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0)
+
+
+def raise_ambient(caps: tuple[int, ...]) -> None:
+    """Make `caps` permitted, inheritable and effective, then ambient (after setuid)."""
+    low = sum(1 << c for c in caps if c < 32)
+    high = sum(1 << (c - 32) for c in caps if c >= 32)
+    header = (ctypes.c_uint32 * 2)(CAP_VERSION_3, 0)
+    data = (ctypes.c_uint32 * 6)(low, low, low, high, high, high)
+    if _libc.capset(header, data) != 0:
+        raise OSError(ctypes.get_errno(), f"capset: {os.strerror(ctypes.get_errno())}")
+    for cap in caps:
+        _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap, 0, 0)
+
+
+def no_new_privileges() -> None:
+    _prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
