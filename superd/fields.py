@@ -9,20 +9,18 @@ python handlers) are done here, once, so a mistake shows up in `superd check`, n
 from __future__ import annotations
 
 import grp
-import importlib
 import ipaddress
 import os
 import pwd
 import re
 import resource
-import sys
-import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from superd import pyload
 from superd.listeners import PROTOCOLS, parse_address
-from superd.yamlsrc import check_owner
+from superd.strict import Untrusted
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -121,46 +119,34 @@ def exec_argv(value: Any, ctx: Context) -> dict[str, Any]:
 
 
 def python_handler(value: Any, ctx: Context) -> dict[str, Any]:
-    """Import `module:function` or `FILE.py:function` now, so a typo fails the load."""
+    """Import `module:function` or `FILE.py:function` now, so a typo fails the load.
+
+    Whatever the module does while it loads is the table's problem, never superd's: an
+    exception, or sys.exit() (argparse at module level), or anything else BaseException.
+    """
     if not isinstance(value, str) or value.count(":") != 1 or value.endswith(":"):
         raise ValueError("expected module:function or FILE.py:function")
     target, func = value.split(":")
     try:
         if target.endswith(".py"):
-            path = os.path.join(ctx.table_dir, target)
-            unsafe = os.path.exists(path) and check_owner(path)
-            if unsafe:
-                raise ValueError(f"{path}: {unsafe}")
-            module = _load_source(path, f"superd_handler_{ctx.name.replace('-', '_')}")
+            module = pyload.load_file(os.path.join(ctx.table_dir, target),
+                                      f"superd_handler_{ctx.name.replace('-', '_')}")
         else:
-            if ctx.table_dir not in sys.path:
-                sys.path.append(ctx.table_dir)
-            module = importlib.import_module(target)
+            module = pyload.import_module(target, ctx.table_dir)
     except ValueError:
         raise
-    except Exception as e:  # any error of the handler's module is the table's problem
-        raise ValueError(f"cannot import {target}: {type(e).__name__}: {e}") from None
+    except Untrusted as e:
+        raise ValueError(str(e)) from None
+    except SystemExit as e:
+        raise ValueError(f"cannot import {target}: it called sys.exit({e.code!r}) while "
+                         "loading (argparse at module level?)") from None
+    except BaseException as e:  # any error of the handler's module is the table's problem
+        text = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        raise ValueError(f"cannot import {target}: {text}") from None
     function = getattr(module, func, None)
     if not callable(function):
         raise ValueError(f"{target} has no function {func!r}")
     return {"python": value, "function": function}
-
-
-def _load_source(path: str, name: str) -> types.ModuleType:
-    """Compile FILE.py from its source every time: a reload must run what is on disk now.
-
-    (The import system's bytecode cache judges a file by mtime and size, so an edit within
-    the same second could go unseen; and it would write __pycache__ into /etc/superd.)
-    """
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such file")
-    with open(path, "rb") as f:
-        code = compile(f.read(), path, "exec", dont_inherit=True)
-    module = types.ModuleType(name)
-    module.__file__ = path
-    sys.modules[name] = module  # for dataclasses, pickling and the like inside the handler
-    exec(code, module.__dict__)
-    return module
 
 
 def user(value: Any, ctx: Context) -> dict[str, Any]:

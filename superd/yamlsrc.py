@@ -9,14 +9,14 @@ instead of eating memory) and nesting is capped (instead of a RecursionError tra
 
 from __future__ import annotations
 
-import os
-import stat
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from superd import strict
 
 MAX_NODES = 100_000  # values after alias expansion; a real table has a few hundred
 MAX_DEPTH = 64
@@ -77,29 +77,12 @@ def dotted(path: Path) -> str:
     return out
 
 
-def check_owner(file: str) -> str | None:
-    """When running as root, refuse files others could write (as sshd's StrictModes does)."""
-    if os.geteuid() != 0:
-        return None
-    st = os.stat(file)
-    if st.st_uid != 0 or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        return (
-            f"writable by someone other than root (owner uid {st.st_uid}, "
-            f"mode {stat.S_IMODE(st.st_mode):04o}); refusing it while running as root"
-        )
-    return None
-
-
 def load(file: str) -> Document:
     """Read and convert one YAML file; raise TableError naming the file and line."""
     try:
-        if not stat.S_ISREG(os.stat(file).st_mode):  # a FIFO would block the loader forever
-            raise TableError([Problem(file, None, "", "not a regular file")])
-        unsafe = check_owner(file)
-        if unsafe:
-            raise TableError([Problem(file, None, "", unsafe)])
-        with open(file, "rb") as f:
-            data = f.read(MAX_BYTES + 1)
+        data = strict.read_trusted(file, MAX_BYTES + 1)
+    except strict.Untrusted as e:
+        raise TableError([Problem(file, None, "", e.reason)]) from None
     except OSError as e:
         raise TableError([Problem(file, None, "", f"cannot read: {e.strerror}")]) from None
     if len(data) > MAX_BYTES:
