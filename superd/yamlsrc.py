@@ -13,8 +13,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+from yaml.composer import Composer
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from yaml.parser import Parser
+from yaml.reader import Reader
+from yaml.resolver import Resolver
+from yaml.scanner import Scanner
 
 from superd import strict
 
@@ -92,7 +97,7 @@ def load(file: str) -> Document:
     except UnicodeDecodeError as e:
         raise TableError([Problem(file, None, "", f"not UTF-8: {e.reason}")]) from None
     try:
-        root = _CountingLoader(text).get_single_node()
+        root = _compose(text)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark else None
@@ -114,13 +119,13 @@ def load(file: str) -> Document:
     return doc
 
 
-class _CountingLoader(yaml.SafeLoader):
+class _Budget(Composer, Resolver):
     """Refuse a document with too many nodes while composing it, not after: a few megabytes
-    of `[0,0,0,...]` would otherwise cost a gigabyte before any check could run."""
+    of `[0,0,0,...]` would otherwise cost a gigabyte before any check could run. Composing
+    stays in Python to count; scanning and parsing are libyaml's where it is installed (a
+    table at the node limit is refused in 0.6 s instead of 2.5)."""
 
-    def __init__(self, text: str):
-        super().__init__(text)
-        self.nodes = 0
+    nodes = 0
 
     def compose_node(self, parent: Node | None, index: object) -> Node:
         self.nodes += 1
@@ -128,11 +133,36 @@ class _CountingLoader(yaml.SafeLoader):
             raise yaml.YAMLError(f"more than {MAX_NODES} values")
         return super().compose_node(parent, index)  # type: ignore[arg-type,return-value]
 
-    def get_single_node(self) -> Node | None:
-        try:
-            return super().get_single_node()
-        finally:
-            self.dispose()
+
+class _PythonLoader(_Budget, Reader, Scanner, Parser):
+    def __init__(self, text: str):
+        Reader.__init__(self, text)
+        Scanner.__init__(self)
+        Parser.__init__(self)
+        Composer.__init__(self)
+        Resolver.__init__(self)
+
+
+try:
+    from yaml._yaml import CParser
+except ImportError:  # PyYAML without libyaml
+    _Loader: type[_Budget] = _PythonLoader
+else:
+    class _CLoader(_Budget, CParser):
+        def __init__(self, text: str):
+            CParser.__init__(self, text)
+            Composer.__init__(self)
+            Resolver.__init__(self)
+
+    _Loader = _CLoader
+
+
+def _compose(text: str) -> Node | None:
+    loader = _Loader(text)  # type: ignore[call-arg]
+    try:
+        return loader.get_single_node()
+    finally:
+        loader.dispose()  # type: ignore[attr-defined]
 
 
 class _Refused(Exception):

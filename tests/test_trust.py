@@ -8,6 +8,7 @@
 - A handler module that raises anything while loading, sys.exit() included, is a table error
   of that service; a running superd keeps its table. `superd status|reload|stop` import no
   handler at all. (issue 16, finding 6)
+- YAML bombs are refused fast and in little memory.
 
 Most of these need root (to chown files and to act as nobody); they are skipped otherwise.
 """
@@ -349,3 +350,43 @@ def test_status_reload_stop_import_no_handler(new_daemon, tmp_path):
     assert d.proc.wait(15) == 0
     pids = set(marker.read_text().split())
     assert pids == {str(d.pid)}, f"imported by {pids}, superd is {d.pid}"
+
+
+# --------------------------------------------------------------------------------------------
+# YAML bombs: refused fast, in little memory
+
+
+def _bombs(tmp_path: Path) -> dict[str, Path]:
+    laughs = ["a: &a [x, x, x, x, x, x, x, x, x, x]"]
+    for i, name in enumerate("bcdefghij"):
+        laughs.append(f"{name}: &{name} [" + ", ".join([f"*{'abcdefghij'[i]}"] * 10) + "]")
+    return {
+        "billion-laughs": write(tmp_path / "laughs.yaml", "\n".join(laughs) + "\nservices: {}\n"),
+        "flat-million": write(tmp_path / "flat.yaml",
+                              "services: {}\nx: [" + "0," * 500_000 + "0]\n"),
+        "deep": write(tmp_path / "deep.yaml", "x: " + "[" * 5000 + "]" * 5000 + "\n"),
+        "too-big": write(tmp_path / "big.yaml", "# " + "x" * (2 << 20) + "\n"),
+    }
+
+
+MEASURE = """
+import resource, subprocess, sys, time
+start = time.monotonic()
+r = subprocess.run(sys.argv[1:], capture_output=True, text=True, timeout=60)
+took = time.monotonic() - start
+print(r.returncode, round(took, 3), resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+print(r.stdout + r.stderr)
+"""
+
+
+@pytest.mark.parametrize("bomb", ["billion-laughs", "flat-million", "deep", "too-big"])
+def test_yaml_bombs_are_refused_fast_in_little_memory(tmp_path, bomb):
+    """`superd check` (run under a parent of its own, to learn its peak memory)."""
+    table = _bombs(tmp_path)[bomb]
+    r = subprocess.run([PY, "-c", MEASURE, PY, "-m", "superd", "check", "-c", str(table)],
+                       cwd=REPO, env=daemon_env(), capture_output=True, text=True, timeout=90)
+    head, _, text = r.stdout.partition("\n")
+    code, took, peak_kb = head.split()
+    assert code == "1" and str(table) in text and "Traceback" not in text, r.stdout + r.stderr
+    assert float(took) < 5, f"{bomb}: {took}s to refuse"
+    assert int(peak_kb) < 150_000, f"{bomb}: {int(peak_kb) // 1024} MB to refuse"
