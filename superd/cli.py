@@ -155,6 +155,9 @@ def _ask(args: argparse.Namespace, command: str) -> dict[str, Any] | None:
         return None
     try:
         answer = control.request(sock_path, command)
+    except control.Stranger as e:
+        print(f"superd: {e}", file=sys.stderr)
+        return None
     except PermissionError:
         print(f"superd: permission denied: {sock_path} is for its owner (and root) only",
               file=sys.stderr)

@@ -119,7 +119,7 @@ def check_dir(path: str, sticky_ok: bool = True) -> None:
         walk.close()
     problem = dir_problem(st, sticky_ok)
     if problem:
-        raise Untrusted(path, f"is {problem}")
+        raise Untrusted(path, problem)
 
 
 class _Walk:
