@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import os
 
-from superd.log import Log
+from superd.log import MAX_MESSAGE, Log
 from superd.loop import READ, Loop
-
-MAX_LINE = 4096
 
 
 class StderrLines:
@@ -21,6 +19,7 @@ class StderrLines:
         self.loop, self.log, self.fd = loop, log, fd
         self.prefix = f"{service}: "
         self.partial = b""
+        self.cutting = False  # dropping the rest of a line that was too long
         os.set_blocking(fd, False)
         loop.add(fd, READ, self.ready)
 
@@ -42,9 +41,18 @@ class StderrLines:
             return
         lines = (self.partial + data).split(b"\n")
         self.partial = lines.pop()
-        if len(self.partial) > MAX_LINE:
-            lines.append(self.partial)
+        if self.cutting:
+            if not lines:
+                self.partial = b""
+                return
+            lines.pop(0)  # the end of the line that was cut
+            self.cutting = False
+        if len(self.partial) > MAX_MESSAGE:
+            # Longer than a message may be: log its beginning (the log cuts and marks it) and
+            # drop the rest, up to its newline.
+            lines.append(self.partial[:MAX_MESSAGE + 1])
             self.partial = b""
+            self.cutting = True
         for line in lines:
             self._emit(line)
 
