@@ -12,8 +12,8 @@ A line is logged with the pid of its handler, the one in its START line:
 - a line of a pid whose START is not out yet (a spawner reports the pid a little later) is
   held until it is, or for at most HOLD seconds;
 - a line of a process the handler started is logged with the handler's pid when that process
-  is still there to be asked (its process group or session is the handler's); otherwise, after
-  HOLD seconds, with its own pid;
+  is still there to be asked (its process group or session is the handler's, even after the
+  handler itself is gone); otherwise, after HOLD seconds, with its own pid;
 - when a handler exits, what is already written is read and logged before its EXIT line.
 Lines are cut at log.MAX_MESSAGE bytes (the log marks them); what is held is bounded.
 """
@@ -40,6 +40,7 @@ ANCILLARY = socket.CMSG_SPACE(CREDS)
 MAX_DRAIN = 64  # reads when a handler exits, at most
 MAX_WRITERS = 1024  # partial lines kept at once (one per writer)
 MAX_HELD = 1024  # lines held at once
+MAX_ENDED = 4096  # exited handlers whose children may still write
 
 
 @dataclass
@@ -62,6 +63,7 @@ class StderrLines:
         self.partial: dict[int, tuple[float, bytes]] = {}
         self.cutting: set[int] = set()  # writers whose too long line is being dropped
         self.started: set[int] = set()  # handlers whose START line is out
+        self.ended: dict[int, None] = {}  # handlers gone, oldest first: their children live on
         self.held: dict[int, _Held] = {}
         self.held_lines = 0
         self.timer: Timer | None = None
@@ -73,6 +75,7 @@ class StderrLines:
     def started_handler(self, pid: int) -> None:
         """`pid`'s START line is out: its lines (and its children's) may follow."""
         self.started.add(pid)
+        self.ended.pop(pid, None)
         for writer, held in list(self.held.items()):
             if writer == pid or pid in held.groups:
                 self._release(writer, pid)
@@ -87,6 +90,9 @@ class StderrLines:
             self._emit(pid, self.partial.pop(pid)[1])
         self.cutting.discard(pid)
         self.started.discard(pid)
+        self.ended[pid] = None  # a child it left behind is still in its process group
+        if len(self.ended) > MAX_ENDED:
+            del self.ended[next(iter(self.ended))]
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -166,8 +172,10 @@ class StderrLines:
         self._arm()
 
     def _owner(self, groups: tuple[int, ...]) -> int | None:
-        """The started handler whose process group or session these are, if any."""
-        return next((g for g in groups if g in self.started), None)
+        """The handler (running or gone) whose process group or session these are, if any. A
+        group id is not reused while the group has a member, so a live writer in the group of
+        a handler that is gone is that handler's child."""
+        return next((g for g in groups if g in self.started or g in self.ended), None)
 
     # -- what waits --------------------------------------------------------------------------
 

@@ -186,3 +186,17 @@ def test_eof_logs_what_is_left_and_closes(lines):
     drain(lines)
     assert log.lines == [f"svc[{pid}]: unfinished"] and lines.sock is None
     assert not loop.watched
+
+
+def test_a_childs_line_after_its_handler_exited_still_carries_the_handlers_pid(lines):
+    handler = write_as_child(lines.write_fd, pgid=0, linger=5)
+    lines.started_handler(handler)
+    child = write_as_child(lines.write_fd, pgid=handler, linger=5)  # joins, writes nothing yet
+    os.kill(handler, 9)
+    reap(handler)
+    lines.ended_handler(handler)
+    late = write_as_child(lines.write_fd, b"late\n", pgid=handler)  # the group lives on
+    drain(lines)
+    assert lines.fake[1].lines == [f"svc[{handler}]: late"]
+    os.kill(child, 9)
+    reap(child, late)
