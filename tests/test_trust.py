@@ -16,10 +16,13 @@ Most of these need root (to chown files and to act as nobody); they are skipped 
 from __future__ import annotations
 
 import ctypes
+import importlib.util
+import marshal
 import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -125,13 +128,11 @@ def test_what_a_handler_imports_while_loading_is_checked(tmp_path, which):
         cache = conf / "__pycache__"
         cache.mkdir(exist_ok=True)
         evil = compile(f"open({str(marker)!r}, 'a').write('evil\\n')\n", str(helper), "exec")
-        import importlib.util
-        import marshal
-        src = helper.stat()
+        src = helper.stat()  # a header that matches the source: Python's import would use it
         data = (importlib.util.MAGIC_NUMBER + (0).to_bytes(4, "little")
-                + int(src.st_mtime).to_bytes(4, "little") + (src.st_size & 0xFFFFFFFF)
-                .to_bytes(4, "little") + marshal.dumps(evil))
-        pyc = write(cache / f"helper.{__import__('sys').implementation.cache_tag}.pyc", "")
+                + int(src.st_mtime).to_bytes(4, "little")
+                + (src.st_size & 0xFFFFFFFF).to_bytes(4, "little") + marshal.dumps(evil))
+        pyc = write(cache / f"helper.{sys.implementation.cache_tag}.pyc", "")
         pyc.write_bytes(data)
         nobody_owns(pyc, 0o666)
         r = check(table)
