@@ -206,12 +206,9 @@ def _ensure_std_fds() -> None:
 
 
 def _control_path(path: str) -> str | None:
-    """settings.control_socket of the table, read leniently: the daemon must stay reachable
-    (to stop it, or to see why a reload was refused) while the table on disk is half-edited."""
-    try:
-        return load_table(path).settings.control_socket
-    except TableError:
-        pass
+    """settings.control_socket of the table, and nothing else of it: no service is loaded (a
+    python handler would be imported, and whatever it does at import would run here), and a
+    half-edited table does not lock anyone out of the running daemon."""
     try:
         value = yamlsrc.load(os.path.abspath(path)).value
     except TableError as e:
@@ -229,6 +226,9 @@ def _ask(args: argparse.Namespace, command: str) -> dict[str, Any] | None:
         return None
     try:
         answer = control.request(sock_path, command)
+    except control.Stranger as e:
+        print(f"superd: {e}", file=sys.stderr)
+        return None
     except PermissionError:
         print(f"superd: permission denied: {sock_path} is for its owner (and root) only",
               file=sys.stderr)

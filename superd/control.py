@@ -4,6 +4,12 @@ A unix stream socket, mode 0600, at settings.control_socket. One request line pe
 one JSON answer. The peer's uid is checked with SO_PEERCRED as well as by the file mode, so a
 socket path that someone loosened still refuses strangers. What the commands do is not known
 here: the socket is given a table of them (`status`, `reload`, `stop` from the server).
+
+Both ends trust the path only as far as it deserves. Its folder must be private (made 0700 if
+missing; refused if anyone but root or superd's user could write there, sticky or not), so
+nobody else can put a socket there first or swap ours; and superd removes nothing at the path
+but a socket of its user that nobody answers on (left by a crash). The client checks who
+answers (SO_PEERCRED: root, or the user it runs as) before it sends a command.
 """
 
 from __future__ import annotations
@@ -12,10 +18,12 @@ import errno
 import json
 import os
 import socket
+import stat
 import struct
 from collections.abc import Callable
 from typing import Any
 
+from superd import strict
 from superd.loop import READ, Loop
 
 Commands = dict[str, Callable[[], dict[str, Any]]]
@@ -26,12 +34,8 @@ FD_PAUSE = 0.5  # out of fds: look at the control socket again this much later
 class ControlSocket:
     def __init__(self, loop: Loop, path: str, commands: Commands):
         self.loop, self.path, self.commands = loop, path, commands
-        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-        try:
-            if not os.path.exists(path) or _is_stale(path):
-                _unlink(path)
-        except OSError:
-            pass
+        _private_folder(os.path.dirname(path))
+        _clear_stale(path)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)
         try:
@@ -43,7 +47,8 @@ class ControlSocket:
             os.umask(old)
         try:
             os.chmod(path, 0o600)
-            self.inode = os.stat(path).st_ino
+            st = os.lstat(path)
+            self.inode = (st.st_dev, st.st_ino)
             self.sock.listen(16)
             self.sock.setblocking(False)
         except OSError:
@@ -74,8 +79,7 @@ class ControlSocket:
             # Read the request even from a stranger: closing with unread bytes would reset the
             # connection and the client would never see why it was refused.
             command = conn.recv(MAX_REQUEST).decode("ascii", "replace").strip()
-            _, uid, _ = struct.unpack("3i", conn.getsockopt(
-                socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+            _, uid, _ = peer_credentials(conn)
             if uid not in (0, os.geteuid()):
                 answer: dict[str, Any] = {
                     "error": f"permission denied: only uid {os.geteuid()} and root may "
@@ -100,24 +104,53 @@ class ControlSocket:
         self.loop.remove(self.sock)
         self.sock.close()
         try:
-            if os.stat(self.path).st_ino == self.inode:
+            st = os.lstat(self.path)
+            if (st.st_dev, st.st_ino) == self.inode and stat.S_ISSOCK(st.st_mode):
                 os.unlink(self.path)
         except OSError:
             pass
 
 
-def _is_stale(path: str) -> bool:
-    """A socket file nobody answers on is left from a crash; one that answers is a live daemon."""
+class Refused(OSError):
+    """No control socket at this path; the message says why."""
+
+
+def _private_folder(folder: str) -> None:
+    """Make `folder` (0700) if it is missing; refuse it if others could write to it."""
+    if not os.path.isdir(folder):
+        os.makedirs(os.path.dirname(folder) or "/", mode=0o755, exist_ok=True)
+        try:
+            os.mkdir(folder, 0o700)
+        except FileExistsError:
+            pass
+    try:
+        strict.check_dir(folder, sticky_ok=False)
+    except strict.Untrusted as e:
+        raise Refused(f"its folder {folder} is not private ({e.reason}): whoever can write "
+                      "there could answer in superd's place; use a private folder such as "
+                      "/run/superd") from None
+
+
+def _clear_stale(path: str) -> None:
+    """Remove what a crashed superd left at `path`, a socket of ours nobody answers on;
+    refuse anything else there, and leave it alone."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise Refused(f"{path} exists and is not a socket; superd leaves it alone")
+    if st.st_uid not in strict.owners():
+        raise Refused(f"{path} is a socket of uid {st.st_uid}; superd leaves it alone")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(path)
     except ConnectionRefusedError:
-        return True
-    except OSError:
-        return False
+        _unlink(path)  # nobody listens: left by a crash (and the folder is ours alone)
+        return
     finally:
         probe.close()
-    raise OSError(f"another superd is answering on {path}")
+    raise Refused(f"another superd is answering on {path}")
 
 
 def _unlink(path: str) -> None:
@@ -127,12 +160,32 @@ def _unlink(path: str) -> None:
         pass
 
 
+class Stranger(Exception):
+    """The process answering on the control socket is neither root nor the user asking."""
+
+    def __init__(self, path: str, uid: int, pid: int):
+        super().__init__(f"refusing {path}: it is answered by uid {uid} (pid {pid}), not by "
+                         f"root or uid {os.geteuid()}; nothing was sent to it")
+        self.uid, self.pid = uid, pid
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a unix socket (SO_PEERCRED)."""
+    pid, uid, gid = struct.unpack("3i", sock.getsockopt(
+        socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    return pid, uid, gid
+
+
 def request(path: str, command: str, timeout: float = 10.0) -> dict[str, Any]:
-    """Client side: send one command, return the daemon's JSON answer."""
+    """Client side: send one command, return the daemon's JSON answer. Raises Stranger,
+    before sending anything, when the process listening there is neither root nor us."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
         sock.connect(path)
+        pid, uid, _ = peer_credentials(sock)
+        if uid not in (0, os.geteuid()):
+            raise Stranger(path, uid, pid)
         sock.sendall(command.encode() + b"\n")
         data = b""
         while chunk := sock.recv(65536):

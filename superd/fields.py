@@ -8,22 +8,18 @@ python handlers) are done here, once, so a mistake shows up in `superd check`, n
 
 from __future__ import annotations
 
-import hashlib
-import importlib
 import ipaddress
 import os
 import re
 import resource
-import sys
-import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from superd import sockopts
+from superd import pyload, sockopts
 from superd.listeners import PROTOCOLS, STREAM_PROTOCOLS, parse_address
+from superd.strict import Untrusted
 from superd.values import Missing, boolean, group_entry, integer, user_entry
-from superd.yamlsrc import check_owner
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -150,25 +146,30 @@ def _no_nul(text: str, what: str) -> None:
 
 
 def python_handler(value: Any, ctx: Context) -> dict[str, Any]:
-    """Import `module:function` or `FILE.py:function` now, so a typo fails the load."""
+    """Import `module:function` or `FILE.py:function` now, so a typo fails the load.
+
+    Whatever the module does while it loads is the table's problem, never superd's: an
+    exception, or sys.exit() (argparse at module level), or anything else BaseException.
+    """
     if not isinstance(value, str) or value.count(":") != 1 or value.endswith(":"):
         raise ValueError("expected module:function or FILE.py:function")
     target, func = value.split(":")
     try:
         if target.endswith(".py"):
-            path = os.path.join(ctx.table_dir, target)
-            unsafe = os.path.exists(path) and check_owner(path)
-            if unsafe:
-                raise ValueError(f"{path}: {unsafe}")
-            module = _load_source(path, f"superd_handler_{ctx.name.replace('-', '_')}")
+            module = pyload.load_file(os.path.join(ctx.table_dir, target),
+                                      f"superd_handler_{ctx.name.replace('-', '_')}")
         else:
-            if ctx.table_dir not in sys.path:
-                sys.path.append(ctx.table_dir)
-            module = importlib.import_module(target)
+            module = pyload.import_module(target, ctx.table_dir)
     except ValueError:
         raise
-    except Exception as e:  # any error of the handler's module is the table's problem
-        raise Missing(f"cannot import {target}: {type(e).__name__}: {e}") from None
+    except Untrusted as e:
+        raise ValueError(str(e)) from None
+    except SystemExit as e:  # (retried, as any other error of the module: it may be fixed)
+        raise Missing(f"cannot import {target}: it called sys.exit({e.code!r}) while "
+                      "loading (argparse at module level?)") from None
+    except BaseException as e:  # any error of the handler's module is the table's problem
+        text = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        raise Missing(f"cannot import {target}: {text}") from None
     function = getattr(module, func, None)
     if not callable(function):
         raise Missing(f"{target} has no function {func!r}")
@@ -176,25 +177,6 @@ def python_handler(value: Any, ctx: Context) -> dict[str, Any]:
     # (its host process is replaced on reload).
     source = getattr(module, "__superd_source__", "")
     return {"python": value, "function": function, "python_source": source}
-
-
-def _load_source(path: str, name: str) -> types.ModuleType:
-    """Compile FILE.py from its source every time: a reload must run what is on disk now.
-
-    (The import system's bytecode cache judges a file by mtime and size, so an edit within
-    the same second could go unseen; and it would write __pycache__ into /etc/superd.)
-    """
-    if not os.path.isfile(path):
-        raise Missing(f"{path}: no such file")
-    with open(path, "rb") as f:
-        source = f.read()
-    code = compile(source, path, "exec", dont_inherit=True)
-    module = types.ModuleType(name)
-    module.__file__ = path
-    module.__superd_source__ = hashlib.sha256(source).hexdigest()  # type: ignore[attr-defined]
-    sys.modules[name] = module  # for dataclasses, pickling and the like inside the handler
-    exec(code, module.__dict__)
-    return module
 
 
 def user(value: Any, ctx: Context) -> dict[str, Any]:

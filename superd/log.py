@@ -4,12 +4,21 @@ We speak the syslog datagram protocol ourselves instead of using the `syslog` mo
 that module always writes to /dev/log and the address must be configurable, and instead of
 `logging.handlers.SysLogHandler`, because a missing socket must not print a traceback per line:
 it must say so once, use stderr, and quietly go back to syslog when the socket appears.
+
+Every message is one record on one line, whatever it holds (a handler's stderr, a peer, a path
+from the table, an error from the OS): `clean()` escapes control characters as rsyslog does
+(`#` and three octal digits per byte: NUL is `#000`, ESC `#033`, a newline `#012`) and cuts a
+message longer than MAX_MESSAGE bytes, ending it with CUT. So no message can hold a record
+separator: on a datagram socket a record is a datagram; on a stream socket (rsyslog's imptcp,
+syslog-ng's unix-stream) each record ends with a newline, which both read as the end of a
+record (syslog-ng also ends one at a NUL, glibc's separator, which rsyslog does not).
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import re
 import socket
 import sys
 import syslog as _syslog
@@ -26,6 +35,25 @@ RETRY_SECONDS = 1.0
 MAX_BACKLOG = 10_000  # lines held while syslogd is slow; beyond, lines are counted and dropped
 FLUSH_AT = 256  # lines gathered before a flush even while the loop is still busy
 JOURNALD_SYSLOG = "/run/systemd/journal/dev-log"  # where /dev/log points when journald owns it
+MAX_MESSAGE = 4096  # bytes of a message, escaped; rsyslog takes 8 KiB records by default
+CUT = " [cut]"  # ends a message that was longer
+# C0 controls, DEL, C1 controls, and the Unicode line and paragraph separators
+CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def clean(text: str) -> str:
+    """`text` as one printable line of at most MAX_MESSAGE bytes (see the module's doc)."""
+    if not text.isprintable():  # the fast test: True for almost every line
+        text = CONTROL.sub(_octal, text)
+    if len(text) > MAX_MESSAGE // 4:  # at most 4 bytes a character: shorter ones fit
+        data = text.encode("utf-8", "replace")
+        if len(data) > MAX_MESSAGE:
+            text = data[:MAX_MESSAGE - len(CUT)].decode("utf-8", "ignore") + CUT
+    return text
+
+
+def _octal(match: re.Match[str]) -> str:
+    return "".join(f"#{byte:03o}" for byte in match.group().encode())
 
 
 def facility_code(name: str) -> int:
@@ -73,7 +101,7 @@ class Log:
         self.address = address
         self.journal_owns_syslog = os.path.realpath(address) == JOURNALD_SYSLOG
         self.facility = facility_code(settings.syslog_facility)
-        self.ident = settings.syslog_ident
+        self.ident = clean(settings.syslog_ident)
         self.pid = os.getpid()
         self._route(routes)
 
@@ -102,6 +130,7 @@ class Log:
         self.emit(ERR, message, fields)
 
     def emit(self, severity: int, message: str, fields: dict[str, str]) -> None:
+        message = clean(message)
         facility = self.facility
         if self.routes:
             route = self.routes.get(fields.get("SUPERD_SERVICE", ""))
@@ -229,7 +258,7 @@ class Log:
                 self._lost(e)
                 return
             self.sock = sock
-            self.terminator = b"\0" if kind == socket.SOCK_STREAM else b""
+            self.terminator = b"\n" if kind == socket.SOCK_STREAM else b""
             if self.down_since is not None:
                 self.down_since = None
                 sys.stderr.write(f"superd: syslog socket {self.address} is back; logging there\n")
@@ -284,9 +313,9 @@ class Log:
 
 
 def _to_stderr(packets: list[bytes]) -> None:
-    """Syslog packets as emit() writes lines to stderr: without the <priority> and the NUL."""
+    """Syslog packets as emit() writes lines to stderr: without the <priority>."""
     if packets:
         for data in packets:
-            sys.stderr.write(data.decode("utf-8", "replace").split(">", 1)[-1].rstrip("\0")
+            sys.stderr.write(data.decode("utf-8", "replace").split(">", 1)[-1].rstrip("\n")
                              + "\n")
         sys.stderr.flush()

@@ -91,6 +91,7 @@ class ServiceRuntime:
         self.fail_lines = FailLines(config.name, self.log.warning, self.loop.call_later)
         self.last_exit: int | None = None
         self.stderr_w = -1
+        self.stderr_lines: stderr.StderrLines | None = None
         self.retired = False
         self.stopping = False
         self.pipeline: Pipeline | None = None
@@ -139,7 +140,8 @@ class ServiceRuntime:
         want = self.config.stderr == "log" and self.builtin is None
         if want and self.stderr_w < 0:
             try:
-                self.stderr_w = stderr.open_pipe(self.loop, self.log, self.name)
+                self.stderr_lines = stderr.open_pipe(self.loop, self.log, self.name)
+                self.stderr_w = self.stderr_lines.write_fd
             except OSError as e:
                 self.log.error(f"{self.name}: cannot make its stderr pipe ({e.strerror}); "
                                "its handlers' stderr goes to /dev/null")
@@ -346,6 +348,8 @@ class ServiceRuntime:
             handler.timers.append(self.loop.call_later(self.config.timeout,
                                                        lambda: self.overrun(handler)))
         self.log_start(handler.pid, handler.peer)
+        if self.stderr_lines is not None:
+            self.stderr_lines.started_handler(handler.pid)
 
     def handler_not_started(self, handler: Handler, failure: bytes | str | None) -> None:
         """A spawner could not even fork: the client is closed (by the spawner)."""
@@ -357,6 +361,8 @@ class ServiceRuntime:
 
     def handler_exited(self, handler: Handler, status: int) -> None:
         """The handler is reaped: log it, free its slot."""
+        if self.stderr_lines is not None:
+            self.stderr_lines.ended_handler(handler.pid)  # its stderr before its EXIT line
         self.changed()
         self.starter.settle(handler)
         duration = time.monotonic() - handler.started

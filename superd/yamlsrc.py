@@ -9,14 +9,19 @@ instead of eating memory) and nesting is capped (instead of a RecursionError tra
 
 from __future__ import annotations
 
-import os
-import stat
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+from yaml.composer import Composer
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from yaml.parser import Parser
+from yaml.reader import Reader
+from yaml.resolver import Resolver
+from yaml.scanner import Scanner
+
+from superd import strict
 
 MAX_NODES = 100_000  # values after alias expansion; a real table has a few hundred
 MAX_DEPTH = 64
@@ -78,29 +83,12 @@ def dotted(path: Path) -> str:
     return out
 
 
-def check_owner(file: str) -> str | None:
-    """When running as root, refuse files others could write (as sshd's StrictModes does)."""
-    if os.geteuid() != 0:
-        return None
-    st = os.stat(file)
-    if st.st_uid != 0 or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        return (
-            f"writable by someone other than root (owner uid {st.st_uid}, "
-            f"mode {stat.S_IMODE(st.st_mode):04o}); refusing it while running as root"
-        )
-    return None
-
-
 def load(file: str) -> Document:
     """Read and convert one YAML file; raise TableError naming the file and line."""
     try:
-        if not stat.S_ISREG(os.stat(file).st_mode):  # a FIFO would block the loader forever
-            raise TableError([Problem(file, None, "", "not a regular file")])
-        unsafe = check_owner(file)
-        if unsafe:
-            raise TableError([Problem(file, None, "", unsafe)])
-        with open(file, "rb") as f:
-            data = f.read(MAX_BYTES + 1)
+        data = strict.read_trusted(file, MAX_BYTES + 1)
+    except strict.Untrusted as e:
+        raise TableError([Problem(file, None, "", e.reason)]) from None
     except OSError as e:
         raise TableError([Problem(file, None, "", f"cannot read: {e.strerror}")]) from None
     if len(data) > MAX_BYTES:
@@ -110,7 +98,7 @@ def load(file: str) -> Document:
     except UnicodeDecodeError as e:
         raise TableError([Problem(file, None, "", f"not UTF-8: {e.reason}")]) from None
     try:
-        root = _CountingLoader(text).get_single_node()
+        root = _compose(text)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark else None
@@ -132,13 +120,13 @@ def load(file: str) -> Document:
     return doc
 
 
-class _CountingLoader(yaml.SafeLoader):
+class _Budget(Composer, Resolver):
     """Refuse a document with too many nodes while composing it, not after: a few megabytes
-    of `[0,0,0,...]` would otherwise cost a gigabyte before any check could run."""
+    of `[0,0,0,...]` would otherwise cost a gigabyte before any check could run. Composing
+    stays in Python to count; scanning and parsing are libyaml's where it is installed (a
+    table at the node limit is refused in 0.6 s instead of 2.5)."""
 
-    def __init__(self, text: str):
-        super().__init__(text)
-        self.nodes = 0
+    nodes = 0
 
     def compose_node(self, parent: Node | None, index: object) -> Node:
         self.nodes += 1
@@ -146,11 +134,36 @@ class _CountingLoader(yaml.SafeLoader):
             raise yaml.YAMLError(f"more than {MAX_NODES} values")
         return super().compose_node(parent, index)  # type: ignore[arg-type,return-value]
 
-    def get_single_node(self) -> Node | None:
-        try:
-            return super().get_single_node()
-        finally:
-            self.dispose()
+
+class _PythonLoader(_Budget, Reader, Scanner, Parser):
+    def __init__(self, text: str):
+        Reader.__init__(self, text)
+        Scanner.__init__(self)
+        Parser.__init__(self)
+        Composer.__init__(self)
+        Resolver.__init__(self)
+
+
+try:
+    from yaml._yaml import CParser
+except ImportError:  # PyYAML without libyaml
+    _Loader: type[_Budget] = _PythonLoader
+else:
+    class _CLoader(_Budget, CParser):
+        def __init__(self, text: str):
+            CParser.__init__(self, text)
+            Composer.__init__(self)
+            Resolver.__init__(self)
+
+    _Loader = _CLoader
+
+
+def _compose(text: str) -> Node | None:
+    loader = _Loader(text)  # type: ignore[call-arg]
+    try:
+        return loader.get_single_node()
+    finally:
+        loader.dispose()  # type: ignore[attr-defined]
 
 
 class _Refused(Exception):
