@@ -73,7 +73,7 @@ def test_facility_and_level_per_service(new_daemon, pri_syslog):
         return (any(re.fullmatch(r"local3\.notice START: mail pid=\d+ from=127\.0\.0\.1", x)
                     for x in lines)
                 and any(x.startswith("local3.notice EXIT: mail status=0") for x in lines)
-                and "local3.notice mail: to-stderr" in lines
+                and any(re.fullmatch(r"local3\.notice mail\[\d+\]: to-stderr", x) for x in lines)
                 and any(x.startswith("daemon.info START: plain") for x in lines))
     try:
         wait_until(seen, 5, "the lines with their facilities and levels")
