@@ -176,6 +176,8 @@ class Server:
 
     def released(self, listener: Listener) -> None:
         """A wait handler exited: the service that has its listener may poll it again."""
+        if listener.sock.fileno() >= 0:
+            listener.sock.setblocking(False)  # it had it blocking (ServiceRuntime.start_wait)
         for runtime in self.services.values():
             if listener in runtime.listeners:
                 runtime.poll()

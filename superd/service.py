@@ -321,9 +321,16 @@ class ServiceRuntime:
             return
         self.accepted += 1
         self.changed()
+        # O_NONBLOCK belongs to the open socket, which the handler shares: it gets the socket
+        # blocking, as from inetd (a plain recvfrom/accept loop would fail with EAGAIN).
+        # superd leaves it alone meanwhile, and makes it non-blocking again when the handler
+        # is gone (server.released).
+        listener.sock.setblocking(True)
         handler = self._start(listener.sock, peer, env, listener)
         if handler is not None:
             handler.pending = waiting_on(listener)
+        else:
+            listener.sock.setblocking(False)
         self.poll()
 
     def _start(self, sock: socket.socket, peer: str, env: dict[str, str],

@@ -7,7 +7,7 @@ import re
 import socket
 
 import pytest
-from superd_testlib import connect, free_port, python_script, recv_until_eof
+from superd_testlib import connect, free_port, python_script, recv_until_eof, udp_request
 
 UDP_HANDLER = r'''
 import json, os, socket, stat, sys, time
@@ -153,3 +153,51 @@ def test_tcp_wait_handler_gets_the_listening_socket(superd, tmp_path):
         pids.append(int(m[1]))
         d.wait_log(rf"^EXIT: tw status=0 pid={m[1]} ")
     assert pids[0] != pids[1]
+
+
+# A wait handler written the plain way: blocking recvfrom / accept in a loop, as under inetd.
+PLAIN_UDP = r'''
+import os, socket, sys
+s = socket.socket(fileno=0)
+for _ in range(3):
+    data, peer = s.recvfrom(100)
+    s.sendto(b"%d %s" % (os.getpid(), data), peer)
+'''
+
+PLAIN_TCP = r'''
+import os, socket
+s = socket.socket(fileno=0)
+for _ in range(3):
+    conn, _ = s.accept()
+    conn.sendall(b"%d\n" % os.getpid())
+    conn.close()
+'''
+
+
+@pytest.mark.parametrize("kind", ["udp", "tcp"])
+def test_a_wait_handler_gets_its_socket_blocking(superd, tmp_path, kind):
+    """superd's own sockets are non-blocking, and O_NONBLOCK belongs to the socket the handler
+    shares: handed over so, a plain recvfrom()/accept() loop fails with EAGAIN at once."""
+    script = python_script(tmp_path / "plain.py", PLAIN_UDP if kind == "udp" else PLAIN_TCP)
+    port = free_port()
+    d = superd({"w": {"listen": f"127.0.0.1:{port}", "wait": True, "exec": [str(script)],
+                      **({"protocol": "udp"} if kind == "udp" else {})}})
+    answers = []
+    for i in range(3):
+        if kind == "udp":
+            got = udp_request("127.0.0.1", port, b"x%d" % i, timeout=5)
+            assert got is not None, f"no answer to datagram {i}: {d.lines()[-10:]}"
+            answers.append(got[0].split()[0])
+        else:
+            with connect("127.0.0.1", port) as s:
+                answers.append(recv_until_eof(s, 5).strip())
+    assert len(set(answers)) == 1, f"one handler should have served all three: {answers}"
+    d.wait_log(rf"^EXIT: w status=0 pid={int(answers[0])} ")
+    assert not [x for x in d.lines() if "BlockingIOError" in x or "Resource temporarily" in x]
+    # and superd takes the socket back, non-blocking: the next client starts the next handler
+    if kind == "udp":
+        got = udp_request("127.0.0.1", port, b"again", timeout=5)
+        assert got is not None and got[0].split()[0] != answers[0]
+    else:
+        with connect("127.0.0.1", port) as s:
+            assert recv_until_eof(s, 5).strip() != answers[0]
