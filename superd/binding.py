@@ -8,10 +8,12 @@ ones before closing old ones. Sockets passed by systemd are kept apart, by servi
 from __future__ import annotations
 
 import errno
+import os
+import socket
 from collections.abc import Callable
 
 from superd.config import Service
-from superd.listeners import Address, Key, Listener
+from superd.listeners import PROTOCOLS, Address, Key, Listener, ident, sock_ident
 
 
 class BindError(Exception):
@@ -33,12 +35,20 @@ def keys(svc: Service) -> list[Key]:
     return [a.key(svc.protocol, svc.sockopts) for a in svc.listen]
 
 
+def _inode(path: str) -> int:
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return 0
+
+
 class ListenerPool:
     def __init__(self, passed: dict[str, list[Listener]], info: Callable[[str], None],
                  unwatch: Callable[[Listener], None]):
         self.pool: dict[Key, Listener] = {}
         self.passed = passed
         self.info, self.unwatch = info, unwatch
+        self.inherited: dict[str, socket.socket] = {}  # from the superd before an upgrade
 
     def for_service(self, svc: Service) -> list[Listener]:
         if svc.name in self.passed:
@@ -131,8 +141,26 @@ class ListenerPool:
         self.pool.update(mine)
         return mine, failures
 
+    def inherit(self, socks: list[socket.socket]) -> None:
+        """Sockets an earlier superd bound (superd upgrade): used where the table has their
+        address, instead of binding again (which would fail: they are still bound)."""
+        self.inherited = {sock_ident(s): s for s in socks}
+
+    def drop_inherited(self) -> None:
+        """What the table no longer has: closed, as a reload would."""
+        for sock in self.inherited.values():
+            sock.close()
+        self.inherited.clear()
+
     def _listener(self, svc: Service, addr: Address) -> Listener:
         listener = self.pool.get(addr.key(svc.protocol, svc.sockopts))
+        old = self.inherited.pop(ident(addr.family, PROTOCOLS[svc.protocol], addr.sockaddr),
+                                 None) if listener is None and self.inherited else None
+        if old is not None:
+            old.setblocking(False)
+            listener = Listener(addr, svc.protocol, old, options=svc.sockopts,
+                                inode=_inode(addr.path) if addr.file else 0)
+            listener.backlog = -1  # (set again below, with listen())
         if listener is None:
             listener = Listener.bind(addr, svc.protocol, svc.backlog, svc.sockopts)
         else:

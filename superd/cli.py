@@ -31,7 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--pidfile", help="with --daemon: the pidfile to write")
     for name, text in (("check", "validate the table, start nothing"),
                        ("reload", "reload the running daemon (as SIGHUP)"),
-                       ("stop", "stop the running daemon (as SIGTERM)")):
+                       ("stop", "stop the running daemon (as SIGTERM)"),
+                       ("upgrade", "run the superd installed now in the daemon's place, "
+                                   "keeping every connection (as SIGUSR2)")):
         sub.add_parser(name, help=text).add_argument("-c", "--config")
     sub.choices["check"].add_argument(
         "--bind", action="store_true",
@@ -134,34 +136,47 @@ def _unix_in_the_way(path: str) -> str | None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from superd import takeover, upgrade
     from superd.forkexec import clean_signal_inheritance
     from superd.log import Log
     from superd.server import Server
     from superd.systemd import journal_sender, passed_sockets
 
+    state = upgrade.take_over()  # set when this is `superd upgrade` taking over in place
     path = table_path(args.config)
     try:  # only a table that cannot be read at all keeps superd from starting
         table = read_table(path)
     except TableError as e:
         for problem in e.problems:
             print(problem, file=sys.stderr)
-        return 1
+        if state is None:
+            return 1
+        table = upgrade.empty_table(path)  # still reap, log and finish what was handed over
     for problem in table.problems:  # the services they concern wait; the others run
         print(problem, file=sys.stderr)
     _ensure_std_fds()
-    clean_signal_inheritance()
-    if args.daemon:
+    # Over an upgrade, the signals that came meanwhile stay blocked until the loop catches
+    # them: delivered now, a SIGTERM would end superd without stopping anything.
+    clean_signal_inheritance(keep_mask=state is not None)
+    if args.daemon and state is None:
         from superd.daemonize import detach
         code = detach(args.pidfile)
         if code is not None:
             return code
     log = Log(table.settings)
     log.journal = journal_sender()
-    passed = {name: [Listener(None, _protocol_of(s), s, passed=True) for s in socks]
-              for name, socks in passed_sockets().items()}
+    socks = passed_sockets() if state is None else takeover.passed_listeners(state)
+    passed = {name: [Listener(None, _protocol_of(s), s, passed=True) for s in group]
+              for name, group in socks.items()}
     try:
         server = Server(table, log, passed)
-        server.start()
+        if state is None:
+            if args.daemon and args.pidfile:
+                server.pidfile = os.path.abspath(args.pidfile)
+            server.start()
+        else:
+            upgrade.unblock_signals()
+            server.resume(state)
         server.run()
     except Exception as e:  # outside any loop callback: nothing to carry on with
         return _fatal(log, e)
@@ -295,6 +310,44 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 0 if _ask(args, "stop") is not None else 1
 
 
+UPGRADE_WAIT = 30.0  # seconds `superd upgrade` waits for the new superd to answer
+
+
+def cmd_upgrade(args: argparse.Namespace) -> int:
+    """Ask the daemon to exec the superd installed now, then wait until that one answers."""
+    import time
+    path = table_path(args.config)
+    try:  # the new superd reads the table again: it must read (as a reload would need)
+        read_table(path)
+    except TableError as e:
+        for problem in e.problems:
+            print(problem, file=sys.stderr)
+        print("superd: upgrade refused: the table cannot be read", file=sys.stderr)
+        return 1
+    before = _ask(args, "status")
+    if before is None or _ask(args, "upgrade") is None:
+        return 1
+    sock_path = _control_path(path) or ""
+    end = time.monotonic() + UPGRADE_WAIT
+    while time.monotonic() < end:
+        time.sleep(0.05)  # the control socket is gone while the new superd starts
+        try:
+            now = control.request(sock_path, "status", timeout=2.0)
+        except (OSError, ValueError):
+            continue
+        if now.get("upgrades", 0) > before.get("upgrades", 0):
+            print(f"superd: upgraded in place (pid {now['pid']}, {now['children']} handlers "
+                  "kept)")
+            return 0
+        if now.get("last_upgrade_error") not in (None, before.get("last_upgrade_error")):
+            print(f"superd: upgrade failed, still running as before: "
+                  f"{now['last_upgrade_error']}", file=sys.stderr)
+            return 1
+    print(f"superd: no answer from the upgraded superd within {UPGRADE_WAIT:g} s; see the log",
+          file=sys.stderr)
+    return 1
+
+
 def cmd_import(args: argparse.Namespace) -> int:
     from superd.importer import run_import
     return run_import(args.kind, args.files, check=args.check, flavour=args.flavour,
@@ -302,4 +355,4 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"import": cmd_import, "run": cmd_run, "check": cmd_check, "status": cmd_status,
-            "reload": cmd_reload, "stop": cmd_stop}
+            "reload": cmd_reload, "stop": cmd_stop, "upgrade": cmd_upgrade}

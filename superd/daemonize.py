@@ -94,3 +94,15 @@ def _alive(pid: int) -> bool:
             return f.read().rpartition(")")[2].split()[0] != "Z"
     except OSError:
         return True
+
+
+def remove_pidfile(path: str) -> None:
+    """At exit after `superd upgrade` (python-daemon's own removal did not survive the exec):
+    remove the pidfile if it still names this process."""
+    try:
+        with open(path) as f:
+            ours = f.read().strip() == str(os.getpid())
+        if ours:
+            os.unlink(path)
+    except OSError:
+        pass

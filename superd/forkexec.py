@@ -65,15 +65,17 @@ def _caught(signum: int, frame: object) -> None:
     """A signal that was ignored when we started: now caught, so an exec resets it."""
 
 
-def clean_signal_inheritance() -> None:
+def clean_signal_inheritance(keep_mask: bool = False) -> None:
     """Make sure what this process starts gets every signal at its default and none blocked.
 
     exec resets caught signals to their default but keeps ignored ones ignored, and keeps the
     signal mask. So a signal our own parent ignored (nohup's SIGHUP, a shell's SIGQUIT) would
     reach every handler ignored. Call this once at start: it empties the mask and turns each
-    ignored signal into a caught one (or, for job control, the default).
+    ignored signal into a caught one (or, for job control, the default). `keep_mask`: leave
+    the mask alone (superd upgrade empties it once its loop catches signals).
     """
-    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    if not keep_mask:
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
     for sig in signal.valid_signals():
         if sig in _PYTHON_IGNORES or sig in (signal.SIGKILL, signal.SIGSTOP):
             continue

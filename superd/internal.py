@@ -8,6 +8,7 @@ few bytes that always fit in a fresh socket's send buffer.
 
 from __future__ import annotations
 
+import base64
 import itertools
 import socket
 import struct
@@ -15,6 +16,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from superd.loop import READ, WRITE, Loop, Timer
 
@@ -107,6 +109,19 @@ class Session:
     def wanted(self) -> int:
         return self.events
 
+    def extra(self) -> dict[str, object]:
+        """What the next superd needs, beyond the socket, to go on with it (superd upgrade)."""
+        return {}
+
+    def take_extra(self, extra: dict[str, Any]) -> None:
+        pass
+
+    def resume(self, extra: dict[str, Any]) -> None:
+        """Go on where an earlier superd left off (superd upgrade): its state, its events."""
+        self.take_extra(extra)
+        self.sock.setblocking(False)
+        self.watch(self.wanted())
+
     def watch(self, events: int) -> None:
         if events == self.watching:
             return
@@ -195,6 +210,14 @@ class Echo(Session):
     def writable(self) -> None:
         self.flush()
 
+    def extra(self) -> dict[str, object]:
+        return {"pending": base64.b64encode(bytes(self.pending)).decode(), "eof": self.eof}
+
+    def take_extra(self, extra: dict[str, Any]) -> None:
+        self.pending += base64.b64decode(extra.get("pending", ""))
+        self.eof = bool(extra.get("eof"))
+        self.budget.used += len(self.pending)
+
     def wanted(self) -> int:
         reading = not self.eof and self.room() > 0
         if not reading and not self.eof and len(self.pending) < SESSION_BUFFER:
@@ -252,6 +275,16 @@ class PacketEcho(Session):
     def _may_read(self) -> bool:
         return len(self.pending) < MAX_QUEUED and self.budget.used < self.budget.limit
 
+    def extra(self) -> dict[str, object]:
+        return {"messages": [base64.b64encode(m).decode() for m in self.pending],
+                "eof": self.eof}
+
+    def take_extra(self, extra: dict[str, Any]) -> None:
+        for message in extra.get("messages", []):
+            self.pending.append(base64.b64decode(message))
+            self.budget.used += len(self.pending[-1])
+        self.eof = bool(extra.get("eof"))
+
     def writable(self) -> None:
         self.flush()
 
@@ -304,6 +337,12 @@ class Chargen(Session):
                 self.watch(WRITE)  # the client is done sending, not done reading
                 return
             self.bytes_in += len(data)
+
+    def extra(self) -> dict[str, object]:
+        return {"offset": self.offset}
+
+    def take_extra(self, extra: dict[str, Any]) -> None:
+        self.offset = int(extra.get("offset", 0)) % len(CHARGEN)
 
     def writable(self) -> None:
         sent = self.sock.send(CHARGEN_VIEW[self.offset:self.offset + CHUNK])

@@ -162,6 +162,20 @@ def _port(text: str) -> int:
     return int(text)
 
 
+def ident(family: int, kind: int, sockaddr: object) -> str:
+    """What a socket is bound to, the same whether read off the socket or off an Address
+    (how a superd after an upgrade finds the sockets it was handed)."""
+    if isinstance(sockaddr, tuple):
+        sockaddr = tuple(sockaddr[:2])
+    elif isinstance(sockaddr, bytes):
+        sockaddr = sockaddr.decode("latin-1")
+    return f"{family}/{kind}/{sockaddr!r}"
+
+
+def sock_ident(sock: socket.socket) -> str:
+    return ident(int(sock.family), int(sock.type), sock.getsockname())
+
+
 class Listener:
     """A bound socket and what it was bound for.
 

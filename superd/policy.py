@@ -69,6 +69,16 @@ class Bans:
         self.until.pop(ip, None)
         self.until[ip] = self.clock() + seconds
 
+    def export(self) -> dict[str, float | None]:
+        """The bans in force, as seconds left (None: until restart), for superd upgrade."""
+        now = self.clock()
+        return {ip: None if t == float("inf") else t - now
+                for ip, t in self.until.items() if t > now}
+
+    def restore(self, left: dict[str, float | None]) -> None:
+        for ip, seconds in left.items():
+            self.ban(ip, float("inf") if seconds is None else seconds)
+
     def banned(self, ip: str) -> bool:
         until = self.until.get(ip)
         if until is None:

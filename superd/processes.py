@@ -26,7 +26,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from superd import proctree
 from superd.listeners import Listener
@@ -52,6 +52,7 @@ class Owner(Protocol):
     name: str
 
     def handler_running(self, handler: Handler) -> None: ...
+    def handler_resumed(self, handler: Handler) -> None: ...
     def handler_exited(self, handler: Handler, status: int) -> None: ...
     def handler_not_started(self, handler: Handler, failure: bytes | str | None) -> None: ...
 
@@ -253,6 +254,50 @@ class ProcessTable:
                 e.deadline, e.sig = now + KILL_AFTER_TERM, signal.SIGKILL
         if (self.by_pid or self.escaped) and self.survey_timer is None:
             self.survey_timer = self.call_later(SURVEY_EVERY, self.survey)
+
+    # -- superd upgrade: the table goes on in the next superd --------------------------------
+
+    def export(self, listener_id: Callable[[Listener], str]) -> dict[str, Any]:
+        """Every handler and escaped process, for the superd that takes over (same pid)."""
+        now = time.monotonic()
+
+        def one(h: Handler) -> dict[str, object]:
+            return {"service": h.owner.name, "peer": h.peer, "state": h.state, "pid": h.pid,
+                    "token": h.token, "age": now - h.started, "inode": h.inode,
+                    "deadline_in": None if h.deadline is None else h.deadline - now,
+                    "listener": None if h.listener is None else listener_id(h.listener)}
+        return {"handlers": [one(h) for h in [*self.by_pid.values(), *self.by_token.values()]],
+                "escaped": [{"pid": pid, "session": e.session,
+                             "service": e.owner.name if e.owner else None,
+                             "deadline_in": None if e.deadline is None else e.deadline - now}
+                            for pid, e in self.escaped.items()]}
+
+    def restore(self, state: dict[str, Any], owner: Callable[[str], Owner],
+                listener: Callable[[str | None], Listener | None]) -> int:
+        """Take the handlers an earlier superd ran: each goes on as if nothing happened (its
+        START was logged then; its EXIT will be now). Returns how many."""
+        now = time.monotonic()
+        for item in state["handlers"]:
+            h = Handler(owner(item["service"]), item["peer"], state=item["state"],
+                        pid=item["pid"], token=item["token"], started=now - item["age"],
+                        listener=listener(item["listener"]), inode=item["inode"],
+                        deadline=None if item["deadline_in"] is None
+                        else now + item["deadline_in"])
+            self.per_owner[h.owner] += 1
+            if h.listener is not None:
+                self.holders[h.listener] = h
+            if h.state == SENT:
+                self.by_token[h.token] = h
+            else:
+                self.by_pid[h.pid] = h
+                h.owner.handler_resumed(h)
+        for item in state["escaped"]:
+            self.escaped[item["pid"]] = Escaped(
+                item["session"], owner(item["service"]) if item["service"] else None,
+                None if item["deadline_in"] is None else now + item["deadline_in"])
+        if (self.by_pid or self.escaped) and self.survey_timer is None:
+            self.survey_timer = self.call_later(SURVEY_EVERY, self.survey)
+        return len(state["handlers"])
 
     # -- a spawner died ----------------------------------------------------------------------
 

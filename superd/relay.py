@@ -15,12 +15,14 @@ directions have ended, or at once on an error. The byte counts go into the EXIT 
 
 from __future__ import annotations
 
+import base64
 import errno
 import fcntl
 import os
 import socket
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 from superd.config import Service
 from superd.internal import BUILTINS, Budget, Builtin, Session
@@ -250,6 +252,48 @@ class Relay(Session):
                     self.loop.remove(sock)
                 self.watched[sock] = want
 
+    # -- superd upgrade: a relay in flight goes on in the superd that takes over -------------
+
+    def extra(self) -> dict[str, object]:
+        """Both sockets and each direction's pipe stay open over the exec; the bytes a
+        direction holds are in its pipe or its buffer (sent along). One still connecting is
+        not carried over: the next superd closes it."""
+        if self.channels is None or self.up is None:
+            return {"connecting": True}
+        fds = [self.up.fileno()]
+        channels = []
+        for channel in self.channels:
+            fds += list(channel.pipe or ())
+            channels.append({"pipe": list(channel.pipe or ()), "held": channel.held,
+                             "eof": channel.eof, "shut": channel.shut, "moved": channel.moved,
+                             "buffer": base64.b64encode(bytes(channel.buffer)).decode(),
+                             "splice": channel.splice})
+        for fd in fds:
+            os.set_inheritable(fd, True)
+        return {"up": self.up.fileno(), "channels": channels, "fds": fds}
+
+    def resume(self, extra: dict[str, Any]) -> None:
+        for fd in extra.get("fds", []):
+            os.set_inheritable(fd, False)
+        if "up" not in extra:
+            self.warn(f"{self.service}: redirect from={self.peer}: closed by superd upgrade "
+                      "while it was connecting")
+            self.close()
+            return
+        self.sock.setblocking(False)
+        self.up = socket.socket(fileno=extra["up"])
+        self.up.setblocking(False)
+        self.channels = (Channel(self.sock, self.up), Channel(self.up, self.sock))
+        for channel, state in zip(self.channels, extra["channels"], strict=True):
+            channel.pipe = (state["pipe"][0], state["pipe"][1]) if state["pipe"] else None
+            channel.held, channel.eof, channel.shut = state["held"], state["eof"], state["shut"]
+            channel.moved, channel.splice = state["moved"], state["splice"]
+            channel.buffer = bytearray(base64.b64decode(state["buffer"]))
+        c2u, u2c = self.channels
+        self.ends = {self.sock: (partial(self._ready, self.sock), c2u, u2c),
+                     self.up: (partial(self._ready, self.up), u2c, c2u)}
+        self._move(self.channels)  # registers what each socket waits for
+
     def close(self) -> None:
         if self.closed:
             return
@@ -272,6 +316,13 @@ def _where(target: tuple[int, str | tuple[str, int]]) -> str:
     if isinstance(address, str):
         return address
     return f"[{address[0]}]:{address[1]}" if ":" in address[0] else f"{address[0]}:{address[1]}"
+
+
+def resumed_builtin(service: str, log: Log) -> Builtin:
+    """For a relay handed over by superd upgrade whose service has no redirect any more: it
+    goes on to where it was connected, and needs no target."""
+    return Builtin("redirect", partial(Relay, target=(socket.AF_INET, ("", 0)), service=service,
+                                       warn=log.warning), lambda data: None)
 
 
 def builtin_for(config: Service, log: Log) -> Builtin | None:

@@ -47,7 +47,8 @@ class Retries:
         entry = Waiting(name, where, reason, attempt)
         self.waiting[name] = entry
         later = f"trying again in {FIRST:g}s" if attempt else "until the table is fixed"
-        self.say(f"{name}: not started: {reason} ({where}); {later}")
+        place = "" if f"({where})" in reason else f" ({where})"  # a bind failure names it
+        self.say(f"{name}: not started: {reason}{place}; {later}")
         if attempt is not None:
             self._schedule(entry)
         self.changed()

@@ -12,10 +12,12 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sys
 import time
 import traceback
 from typing import Any
 
+from superd import daemonize, report, takeover, upgrade
 from superd.binding import ListenerPool, keys
 from superd.config import Service, Table, read_table
 from superd.control import ControlSocket
@@ -63,6 +65,9 @@ class Server:
                                             "problems": len(table.problems)}
         self.kept: dict[str, str] = {}  # services running an older definition: why
         self.started_at = time.monotonic()
+        self.upgrades = 0  # superd upgrades this daemon (this pid) went through
+        self.last_upgrade_error: str | None = None
+        self.pidfile: str | None = None  # --daemon --pidfile: removed at exit
         self.stopping = False
         self.control: ControlSocket | None = None
         self.status_timer: Timer | None = None
@@ -82,21 +87,57 @@ class Server:
         open_devnull()
         self.log_problems(self.table)
         self.apply(self.table)
+        self.serving(f"started: {len(self.services)} services, pid {os.getpid()}")
+
+    def serving(self, said: str) -> None:
+        """The table is in place: the spawners, the control socket, and READY=1."""
         try:
             self.spawners = self.new_pool(SPAWNERS, SPAWNER)
         except OSError as e:
             self.log.error(f"{e}; exec handlers are started by the loop itself")
         self.open_control(self.table.settings.control_socket)
-        self.log.info(f"started: {len(self.services)} services, pid {os.getpid()}")
+        self.log.info(said)
         self.notifier.notify("READY=1")
         self.send_status()
         self.watchdog()
+
+    def resume(self, state: dict[str, Any]) -> None:
+        """Start as the superd that takes over from an earlier one (superd upgrade): its
+        sockets, handlers, sessions, helpers and counters are this one's now."""
+        open_devnull()
+        self.log_problems(self.table)
+        self.listeners.inherit(takeover.inherited_listeners(state))
+        self.apply(self.table)
+        self.listeners.drop_inherited()
+        self.pidfile = state.get("pidfile")
+        said = takeover.resume(self, state)
+        self.handle_chld()  # what ended during the exec
+        self.serving(f"upgraded: pid {os.getpid()}, {len(self.services)} services; {said}")
+
+    def upgrade(self) -> str | None:
+        """Hand everything over to the superd installed now, in this very process (the same
+        pid): it goes on from here. Returns why not, if it cannot (this one goes on then)."""
+        if self.stopping:
+            return "superd is stopping"
+        self.notifier.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        state, fds = takeover.export(self, self.pidfile)
+        self.log.info(f"upgrading: handing {len(self.processes)} handlers and "
+                      f"{len(self.sessions)} sessions over to {sys.executable} -m superd")
+        self.log.close()
+        why = upgrade.hand_over(state, self.table.path, fds)
+        self.log.attach(self.loop)
+        self.log.error(f"upgrade failed, going on as before: {why}")
+        self.last_upgrade_error = why
+        self.notifier.notify("READY=1")
+        return why
 
     def run(self) -> None:
         while not (self.stopping and not len(self.processes)):
             self.loop.run_once()
         for pool in list(self.pools):
             pool.close()
+        if self.upgrades and self.pidfile:  # python-daemon's own removal went with the exec
+            daemonize.remove_pidfile(self.pidfile)
         self.log.info("stopped")
         self.log.close()
         self.loop.close()
@@ -120,11 +161,12 @@ class Server:
 
     def handle_usr1(self) -> None:
         """xinetd's state dump: what `superd status` shows, into the log."""
-        for line in status_lines(self.status()):
+        for line in report.status_lines(self.status()):
             self.log.info(line)
 
     def handle_usr2(self) -> None:
-        self.log.info("SIGUSR2 ignored (SIGHUP reloads, SIGUSR1 logs the status)")
+        """`superd upgrade`: the installed superd takes over, in place."""
+        self.upgrade()  # (if it cannot, why is in the log and in the status)
 
     def handle_quit(self) -> None:
         self.log.info("SIGQUIT ignored (SIGTERM stops superd)")
@@ -164,12 +206,16 @@ class Server:
 
     def new_pool(self, count: int, script: str, record: bytes | None = None) -> Spawners:
         """Helper processes that start handlers (spawners, or a python service's host)."""
-        pool = Spawners(count, lambda sock, callback: self.loop.add(sock, READ, callback),
-                        self.loop.remove, self.processes.answered, self.processes.exited,
-                        self.log.error, self.unanswered, script=script, record=record,
-                        closed=self.pools.remove)
+        pool = Spawners(count, **self.pool_callbacks(), script=script, record=record)
         self.pools.append(pool)
         return pool
+
+    def pool_callbacks(self) -> dict[str, Any]:
+        """What a pool of helpers tells (the process table) and asks (the loop)."""
+        return {"watch": lambda sock, callback: self.loop.add(sock, READ, callback),
+                "unwatch": self.loop.remove, "started": self.processes.answered,
+                "exited": self.processes.exited, "lost": self.log.error,
+                "unanswered": self.unanswered, "closed": self.pools.remove}
 
     def helper_pids(self) -> set[int]:
         return {pid for pool in self.pools for pid in pool.pids}
@@ -316,7 +362,8 @@ class Server:
         try:
             control = ControlSocket(self.loop, path, {"status": self.status,
                                                       "reload": self.control_reload,
-                                                      "stop": self.control_stop})
+                                                      "stop": self.control_stop,
+                                                      "upgrade": self.control_upgrade})
         except OSError as e:
             where = (f"still answering on {self.control.path}" if self.control is not None
                      else "superd status/reload/stop will not reach this daemon")
@@ -336,6 +383,10 @@ class Server:
                              "name run as they did, or not at all):\n" + "\n".join(problems)}
         return {"ok": True}
 
+    def control_upgrade(self) -> dict[str, Any]:
+        self.loop.call_later(0, self.handle_usr2)  # answer first: the exec ends this connection
+        return {"ok": True, "upgrades": self.upgrades}
+
     def control_stop(self) -> dict[str, Any]:
         self.loop.call_later(0, self.stop)  # answer first
         return {"ok": True}
@@ -348,8 +399,11 @@ class Server:
                 services[name]["kept"] = reason
         return {"services": services, "failed": self.retries.status(),
                 "problems": [str(p) for p in self.table.problems],
-                "table_state": {**self.table_state, "summary": self.table_summary()},
+                "table_state": {**self.table_state,
+                                "summary": report.table_summary(self.table_state)},
                 "children": len(self.processes), "escaped": len(self.processes.escaped),
+                "running": len(self.processes.by_pid), "upgrades": self.upgrades,
+                "last_upgrade_error": self.last_upgrade_error,
                 "uptime": int(time.monotonic() - self.started_at),
                 "pid": os.getpid(), "table": self.table.path}
 
@@ -380,43 +434,12 @@ class Server:
         if self.status_timer is None and self.notifier.enabled:
             self.status_timer = self.loop.call_later(1.0, self.send_status)
 
-    def table_summary(self) -> str:
-        """`table of 14:02 refused: 3 problems, running the previous one`, or `table of 14:02`."""
-        state = self.table_state
-        when = time.strftime("%H:%M", time.localtime(state["read"]))
-        if state["refused"]:
-            return f"table of {when} refused: {state['problems']} problems, running the " \
-                   "previous one"
-        if state["problems"]:
-            return f"table of {when}: {state['problems']} problems"
-        return f"table of {when}"
-
     def send_status(self) -> None:
         self.status_timer = None
-        served = sum(rt.accepted for rt in self.services.values())
-        refused = sum(sum(rt.refused.values()) for rt in self.services.values())
-        paused = sum(1 for rt in self.services.values() if rt.paused)
-        failed = sorted(self.retries.waiting)
-        self.notifier.notify(
-            f"STATUS={len(self.services)} services"
-            + (f", {len(failed)} not started ({', '.join(failed[:5])}"
-               + (", ..." if len(failed) > 5 else "") + ")" if failed else "")
-            + f", {len(self.processes.by_pid)} handlers running, {served} served, "
-            f"{refused} refused" + (f", {paused} paused" if paused else "")
-            + (f"; {self.table_summary()}" if self.table_state["problems"] else ""))
+        self.notifier.notify("STATUS=" + report.status_line(self.status()))
 
     def watchdog(self) -> None:
         if self.notifier.watchdog and not self.stopping:
             self.notifier.notify("WATCHDOG=1")
             self.loop.call_later(self.notifier.watchdog / 2, self.watchdog)
 
-
-def status_lines(status: dict[str, Any]) -> list[str]:
-    """The status as log lines: a summary, then one line per service."""
-    lines = [f"status: pid {status['pid']}, {len(status['services'])} services, "
-             f"{status['children']} handlers, table {status['table']}"]
-    for name, s in sorted(status["services"].items()):
-        refused = ",".join(f"{k}={v}" for k, v in sorted(s["refused"].items())) or "0"
-        lines.append(f"status: {name} accepted={s['accepted']} active={s['active']} "
-                     f"refused={refused} last_exit={s['last_exit']} paused={s['paused'] or '-'}")
-    return lines

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from superd import relay, spawn, stages, stderr
+from superd import loglines, relay, spawn, stages, stderr
 from superd.accept import (
     FD_ERRORS,
     accept_connections,
@@ -90,8 +90,7 @@ class ServiceRuntime:
         self.refused: Counter[str] = Counter()
         self.fail_lines = FailLines(config.name, self.log.warning, self.loop.call_later)
         self.last_exit: int | None = None
-        self.stderr_w = -1
-        self.stderr_lines: stderr.StderrLines | None = None
+        self.stderr_lines: stderr.StderrLines | None = None  # `stderr: log`: the reader
         self.retired = False
         self.stopping = False
         self.pipeline: Pipeline | None = None
@@ -141,13 +140,23 @@ class ServiceRuntime:
         if want and self.stderr_w < 0:
             try:
                 self.stderr_lines = stderr.open_pipe(self.loop, self.log, self.name)
-                self.stderr_w = self.stderr_lines.write_fd
             except OSError as e:
                 self.log.error(f"{self.name}: cannot make its stderr pipe ({e.strerror}); "
                                "its handlers' stderr goes to /dev/null")
-        elif not want and self.stderr_w >= 0:
-            os.close(self.stderr_w)  # running handlers keep their copies
-            self.stderr_w = -1
+        elif not want and self.stderr_lines is not None:
+            self.stderr_lines.close_write()  # running handlers keep their copies
+
+    @property
+    def stderr_w(self) -> int:
+        """The write end new handlers get as fd 2; -1: none (they get /dev/null)."""
+        return self.stderr_lines.write_fd if self.stderr_lines is not None else -1
+
+    def adopt_stderr(self, lines: stderr.StderrLines) -> None:
+        """superd upgrade: go on with the reader the earlier superd had (its handlers write
+        there) instead of the one made at load."""
+        if self.stderr_lines is not None:
+            self.stderr_lines.close_write()
+        self.stderr_lines = lines
 
     def _new_host(self) -> None:
         """A python service's handlers are forked by a host of their own (superd/pyhost.py),
@@ -234,35 +243,21 @@ class ServiceRuntime:
             return  # log_on_failure: [] keeps FAIL lines out of the log; the count stays
         if datagram and not self.fail_lines.allow(peer, time.monotonic()):
             return
-        host = f" from={peer}" if "host" in self.config.log_on_failure and peer else ""
-        note = " (datagram: its source is not verified)" if datagram else ""
-        self.log.warning(f"FAIL: {self.name} {reason}{host}{note}",
+        self.log.warning(loglines.fail_line(self.name, self.config.log_on_failure, reason,
+                                            peer, datagram),
                          SUPERD_SERVICE=self.name, REMOTE_ADDR=peer)
 
     def log_start(self, pid: int, peer: str) -> None:
-        opts = self.config.log_on_success
-        if not opts & {"pid", "host"}:
-            return
-        text = f"START: {self.name}"
-        if "pid" in opts:
-            text += f" pid={pid}"
-        if "host" in opts and peer:
-            text += f" from={peer}"
-        self.log.info(text, SUPERD_SERVICE=self.name, REMOTE_ADDR=peer)
+        line = loglines.start_line(self.name, self.config.log_on_success, pid, peer)
+        if line is not None:
+            self.log.info(line, SUPERD_SERVICE=self.name, REMOTE_ADDR=peer)
 
     def log_exit(self, handler: Handler, code: int, duration: float) -> None:
-        opts = self.config.log_on_success
-        if not opts & {"exit", "pid", "duration"}:
-            return
-        text = f"EXIT: {self.name}"
-        if "exit" in opts:
-            text += f" signal={-code}" if code < 0 else f" status={code}"
-        if "pid" in opts:
-            text += f" pid={handler.pid}"
-        if "duration" in opts:
-            text += f" duration={int(duration)}(sec)"
-        self.log.info(text, SUPERD_SERVICE=self.name, REMOTE_ADDR=handler.peer,
-                      EXIT_STATUS=str(code))
+        line = loglines.exit_line(self.name, self.config.log_on_success, handler.pid, code,
+                                  duration)
+        if line is not None:
+            self.log.info(line, SUPERD_SERVICE=self.name, REMOTE_ADDR=handler.peer,
+                          EXIT_STATUS=str(code))
 
     # -- internal services -------------------------------------------------------------------
 
@@ -291,11 +286,11 @@ class ServiceRuntime:
         if session.timer is not None:
             session.timer.cancel()
         self.limits.freed(session.peer)
-        if "traffic" in self.config.log_on_success:
-            self.log.info(f"EXIT: {self.name} status=0 pid=0 duration="
-                          f"{int(time.monotonic() - session.started)}(sec) "
-                          f"in={session.bytes_in}(bytes) out={session.bytes_out}(bytes)",
-                          SUPERD_SERVICE=self.name, REMOTE_ADDR=session.peer)
+        line = loglines.session_line(self.name, self.config.log_on_success,
+                                     time.monotonic() - session.started, session.bytes_in,
+                                     session.bytes_out)
+        if line is not None:
+            self.log.info(line, SUPERD_SERVICE=self.name, REMOTE_ADDR=session.peer)
 
     # -- handlers ----------------------------------------------------------------------------
 
@@ -358,6 +353,13 @@ class ServiceRuntime:
         if self.stderr_lines is not None:
             self.stderr_lines.started_handler(handler.pid)
 
+    def handler_resumed(self, handler: Handler) -> None:
+        """A handler an earlier superd started (superd upgrade): its slot, its clock."""
+        self.limits.per_peer[handler.peer] += 1
+        if handler.deadline is not None and handler.state == RUNNING:
+            handler.timers.append(self.loop.call_later(
+                max(0.0, handler.deadline - time.monotonic()), lambda: self.overrun(handler)))
+
     def handler_not_started(self, handler: Handler, failure: bytes | str | None) -> None:
         """A spawner could not even fork: the client is closed (by the spawner)."""
         self.log.error(f"{self.name}: cannot start handler: {spawn.failure_text(failure)}")
@@ -413,9 +415,8 @@ class ServiceRuntime:
         self._release_if_retired()
 
     def _release_if_retired(self) -> None:
-        if self.retired and not self.processes.count(self) and self.stderr_w >= 0:
-            os.close(self.stderr_w)  # the reader sees EOF once no handler holds it either
-            self.stderr_w = -1
+        if self.retired and not self.processes.count(self) and self.stderr_lines is not None:
+            self.stderr_lines.close_write()  # the reader sees EOF once no handler holds it
 
     def stop(self) -> None:
         """superd stops: take no more work, drop what waits in a stage."""
@@ -424,6 +425,21 @@ class ServiceRuntime:
         for pipeline in [*self.draining, self.pipeline]:
             if pipeline is not None:
                 pipeline.abort()
+
+    COUNTED = ("accepted", "last_exit", "answered", "dropped")
+
+    def export(self) -> dict[str, Any]:
+        """The counters, for the superd that takes over (superd upgrade)."""
+        return {**{k: getattr(self, k) for k in self.COUNTED}, "refused": dict(self.refused)}
+
+    def restore(self, counters: dict[str, Any]) -> None:
+        for key in self.COUNTED:
+            setattr(self, key, counters.get(key, getattr(self, key)))
+        self.refused.update(counters.get("refused", {}))
+
+    def session_resumed(self, session: Session) -> None:
+        """An internal session an earlier superd served goes on here (superd upgrade)."""
+        self.limits.per_peer[session.peer] += 1
 
     def status(self) -> dict[str, object]:
         return {"accepted": self.accepted, "active": self.active(),

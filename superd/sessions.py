@@ -12,10 +12,13 @@ timeout, while there are sessions, the table looks at each one's byte count.
 
 from __future__ import annotations
 
+import os
 import resource
 import socket
+import time
 from collections import Counter
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from superd.internal import Budget, Builtin, Session
 from superd.loop import Loop, Timer
@@ -104,6 +107,36 @@ class SessionTable:
             ctypes.CDLL(None).malloc_trim(0)
         except (OSError, AttributeError):
             pass
+
+    # -- superd upgrade ------------------------------------------------------------------------
+
+    def export(self, kind_of: Callable[[Session], str]) -> list[dict[str, Any]]:
+        """Every session, for the superd that takes over: its socket stays open over exec."""
+        now = time.monotonic()
+        out: list[dict[str, Any]] = []
+        for session, owner in self.owners.items():
+            if session.closed:
+                continue
+            os.set_inheritable(session.sock.fileno(), True)
+            out.append({"fd": session.sock.fileno(), "service": getattr(owner, "name", ""),
+                        "kind": kind_of(session), "peer": session.peer,
+                        "in": session.bytes_in, "out": session.bytes_out,
+                        "age": now - session.started, "extra": session.extra()})
+        return out
+
+    def start_resumed(self, item: dict[str, Any], builtin: Builtin, owner: Owner) -> Session:
+        """Go on with a session an earlier superd served, where it was."""
+        sock = socket.socket(fileno=item["fd"])
+        os.set_inheritable(item["fd"], False)
+        session = builtin.stream(self.loop, sock, self._done, item["peer"], self.budget)
+        session.bytes_in, session.bytes_out = item["in"], item["out"]
+        session.started = time.monotonic() - item["age"]
+        self.owners[session] = owner
+        self.per_owner[owner] += 1
+        session.resume(item["extra"])
+        if self.sweep_timer is None and self.idle_timeout:
+            self.sweep_timer = self.loop.call_later(self.idle_timeout / SWEEPS, self._sweep)
+        return session
 
     def close_all(self) -> None:
         for session in list(self.owners):

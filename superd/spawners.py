@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 from superd import spawner, spawnproto
 from superd.forkexec import exec_error, fork_exec
@@ -26,6 +27,16 @@ RESTART_INTERVAL = 5.0  # a helper that died is replaced, at most this often
 SPAWNER = os.path.abspath(spawner.__file__)
 PYHOST = os.path.join(os.path.dirname(SPAWNER), "pyhost.py")
 _tokens = itertools.count(1)  # one sequence for every pool: the process table maps them
+
+
+def next_free_token() -> int:
+    return next(_tokens)
+
+
+def tokens_from(first: int) -> None:
+    """After an upgrade: go on after the tokens the earlier superd handed out."""
+    global _tokens
+    _tokens = itertools.count(first)
 
 
 class Spawners:
@@ -80,13 +91,41 @@ class Spawners:
                 ours.close()
                 raise
         ours.setblocking(False)
-        self.socks.append(ours)
+        self._add(ours, pid, set())
+
+    def _add(self, sock: socket.socket, pid: int, inflight: set[int]) -> None:
+        self.socks.append(sock)
         self.pids.append(pid)
-        self.inflight[ours] = set()
-        self.watch(ours, partial(self._ready, ours))
+        self.inflight[sock] = inflight
+        self.watch(sock, partial(self._ready, sock))
 
     def next_token(self) -> int:
         return next(_tokens)
+
+    # -- superd upgrade: the helpers stay, their sockets go through the exec -------------------
+
+    def export(self) -> dict[str, Any]:
+        """What the next superd needs to go on with these helpers (fds stay open over exec)."""
+        for sock in self.socks:
+            os.set_inheritable(sock.fileno(), True)
+        return {"kind": self.kind, "running": sorted(self.running),
+                "helpers": [{"fd": sock.fileno(), "pid": pid,
+                             "inflight": sorted(self.inflight[sock])}
+                            for sock, pid in zip(self.socks, self.pids, strict=True)]}
+
+    @classmethod
+    def adopt(cls, state: dict[str, Any], **callbacks: Any) -> Spawners:
+        """The helpers an earlier superd ran, taken over as they are: they answer for what
+        they started, take no new request (their code is the old one), and go when done:
+        the caller records the pool, then calls retire()."""
+        pool = cls(0, **callbacks, script=SPAWNER if state["kind"] == "spawner" else PYHOST)
+        pool.running = set(state["running"])
+        for helper in state["helpers"]:
+            sock = socket.socket(fileno=helper["fd"])
+            os.set_inheritable(helper["fd"], False)
+            sock.setblocking(False)
+            pool._add(sock, helper["pid"], set(helper["inflight"]))
+        return pool
 
     def send(self, request: Request, fds: list[int]) -> bool:
         """Send one request to the least busy helper; False if none can take it now."""

@@ -41,6 +41,14 @@ class Shared:
 _SHARED: weakref.WeakKeyDictionary[Loop, Shared] = weakref.WeakKeyDictionary()
 
 
+def shared_for(loop: Loop) -> Shared:
+    """The loop's resolver and bans (made on first use)."""
+    shared = _SHARED.get(loop)
+    if shared is None:
+        shared = _SHARED[loop] = Shared(loop)
+    return shared
+
+
 @dataclass
 class Tools:
     """What a service's stages are given: the loop, the log, and how many connections of a
@@ -52,10 +60,7 @@ class Tools:
 
     @property
     def shared(self) -> Shared:
-        shared = _SHARED.get(self.loop)
-        if shared is None:
-            shared = _SHARED[self.loop] = Shared(self.loop)
-        return shared
+        return shared_for(self.loop)
 
 
 class Access:

@@ -29,6 +29,7 @@ import termios
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from superd.log import MAX_MESSAGE, Log
 from superd.loop import READ, Loop, Timer
@@ -52,14 +53,17 @@ class _Held:
 
 class StderrLines:
     def __init__(self, loop: Loop, log: Log, service: str,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic,
+                 pair: tuple[socket.socket, int] | None = None):
         self.loop, self.log, self.service, self.clock = loop, log, service, clock
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        ours.shutdown(socket.SHUT_WR)  # a handler reading its fd 2 gets EOF, not a hang
+        if pair is None:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            ours.shutdown(socket.SHUT_WR)  # a handler reading its fd 2 gets EOF, not a hang
+            pair = ours, theirs.detach()  # the handlers' end, for fd 2; the service closes it
+        ours, self.write_fd = pair
         ours.setblocking(False)
         self.sock: socket.socket | None = ours
-        self.write_fd = theirs.detach()  # the handlers' end, for fd 2; the service closes it
         self.partial: dict[int, tuple[float, bytes]] = {}
         self.cutting: set[int] = set()  # writers whose too long line is being dropped
         self.started: set[int] = set()  # handlers whose START line is out
@@ -93,6 +97,41 @@ class StderrLines:
         self.ended[pid] = None  # a child it left behind is still in its process group
         if len(self.ended) > MAX_ENDED:
             del self.ended[next(iter(self.ended))]
+
+    # -- superd upgrade: the pair goes on in the superd that takes over ----------------------
+
+    def export(self) -> dict[str, Any] | None:
+        """Log what is held or half read now, and give what the next superd needs (its fds
+        made inheritable); None when there is nothing left to hand over."""
+        if self.sock is None:
+            return None
+        for writer, (_, rest) in list(self.partial.items()):
+            self._emit(writer, rest)
+        self.partial.clear()
+        for writer in list(self.held):
+            self._release(writer, None)
+        fds = [self.sock.fileno()] + ([self.write_fd] if self.write_fd >= 0 else [])
+        for fd in fds:
+            os.set_inheritable(fd, True)
+        return {"fd": self.sock.fileno(), "write_fd": self.write_fd, "fds": fds,
+                "started": sorted(self.started), "ended": list(self.ended)}
+
+    @classmethod
+    def resume(cls, loop: Loop, log: Log, service: str, state: dict[str, Any]) -> StderrLines:
+        """The reader an earlier superd exported, going on where it stopped."""
+        for fd in state["fds"]:
+            os.set_inheritable(fd, False)
+        lines = cls(loop, log, service, pair=(socket.socket(fileno=state["fd"]),
+                                               state["write_fd"]))
+        lines.started = set(state["started"])
+        lines.ended = dict.fromkeys(state["ended"])
+        return lines
+
+    def close_write(self) -> None:
+        """No new handler will get the write end: once the running ones are gone, EOF."""
+        if self.write_fd >= 0:
+            os.close(self.write_fd)
+            self.write_fd = -1
 
     # -- reading -----------------------------------------------------------------------------
 

@@ -55,12 +55,12 @@ _superd()
     case $command in
         "") options="--help --version"
             if [[ $cur != -* ]]; then
-                COMPREPLY=($(compgen -W "run check status reload stop import" -- "$cur"))
+                COMPREPLY=($(compgen -W "run check status reload stop upgrade import" -- "$cur"))
                 return
             fi ;;
         run) options="--config --daemon --pidfile --help" ;;
         check) options="--config --bind --help" ;;
-        reload | stop) options="--config --help" ;;
+        reload | stop | upgrade) options="--config --help" ;;
         status) options="--config --json --help"
             if [[ $cur != -* ]]; then
                 local IFS=$'\n'

@@ -1,0 +1,46 @@
+"""What superd tells of itself: `superd status`, the STATUS= line under systemd, the state
+dump SIGUSR1 writes into the log. Plain functions of the counts they are given."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+
+def table_summary(state: dict[str, Any]) -> str:
+    """`table of 14:02 refused: 3 problems, running the previous one`, or `table of 14:02`."""
+    when = time.strftime("%H:%M", time.localtime(state["read"]))
+    if state["refused"]:
+        return f"table of {when} refused: {state['problems']} problems, running the previous one"
+    if state["problems"]:
+        return f"table of {when}: {state['problems']} problems"
+    return f"table of {when}"
+
+
+def status_line(status: dict[str, Any]) -> str:
+    """The STATUS= line: services, the ones not started by name, handlers, counts."""
+    services = status["services"].values()
+    served = sum(s["accepted"] for s in services)
+    refused = sum(sum(s["refused"].values()) for s in services)
+    paused = sum(1 for s in services if s["paused"])
+    failed = sorted(status["failed"])
+    state = status["table_state"]
+    return (f"{len(status['services'])} services"
+            + (f", {len(failed)} not started ({', '.join(failed[:5])}"
+               + (", ..." if len(failed) > 5 else "") + ")" if failed else "")
+            + f", {status['running']} handlers running, {served} served, {refused} refused"
+            + (f", {paused} paused" if paused else "")
+            + (f"; {state['summary']}" if state["problems"] or state["refused"] else ""))
+
+
+def status_lines(status: dict[str, Any]) -> list[str]:
+    """The status as log lines: a summary, then one line per service."""
+    lines = [f"status: pid {status['pid']}, {len(status['services'])} services, "
+             f"{status['children']} handlers, table {status['table']}"]
+    for name, s in sorted(status["services"].items()):
+        refused = ",".join(f"{k}={v}" for k, v in sorted(s["refused"].items())) or "0"
+        lines.append(f"status: {name} accepted={s['accepted']} active={s['active']} "
+                     f"refused={refused} last_exit={s['last_exit']} paused={s['paused'] or '-'}")
+    for name, f in sorted(status.get("failed", {}).items()):
+        lines.append(f"status: {name} not started: {f['reason']}")
+    return lines
