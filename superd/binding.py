@@ -157,7 +157,10 @@ class ListenerPool:
         old = self.inherited.pop(ident(addr.family, PROTOCOLS[svc.protocol], addr.sockaddr),
                                  None) if listener is None and self.inherited else None
         if old is not None:
-            old.setblocking(False)
+            # Blocking only while a wait handler holds it (ServiceRuntime.start_wait): then it
+            # stays so, and is made non-blocking when that handler is gone.
+            if not os.get_blocking(old.fileno()):
+                old.setblocking(False)
             listener = Listener(addr, svc.protocol, old, options=svc.sockopts,
                                 inode=_inode(addr.path) if addr.file else 0)
             listener.backlog = -1  # (set again below, with listen())

@@ -58,19 +58,23 @@ def last_cap() -> int:
         return len(NAMES) - 1
 
 
-def _prctl(*args: int) -> None:
+def prctl(*args: int) -> None:
+    """prctl(2), OSError on failure. (Every prctl superd makes goes through here.)"""
     if _libc.prctl(*(ctypes.c_ulong(a) for a in args)) != 0:
         raise OSError(ctypes.get_errno(), f"prctl({args[0]}): {os.strerror(ctypes.get_errno())}")
+
+
+PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
 
 
 def drop_bounding(keep: tuple[int, ...]) -> None:
     for cap in range(last_cap() + 1):
         if cap not in keep:
-            _prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)
+            prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)
 
 
 def keep_over_setuid() -> None:
-    _prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0)
+    prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0)
 
 
 def raise_ambient(caps: tuple[int, ...]) -> None:
@@ -82,8 +86,8 @@ def raise_ambient(caps: tuple[int, ...]) -> None:
     if _libc.capset(header, data) != 0:
         raise OSError(ctypes.get_errno(), f"capset: {os.strerror(ctypes.get_errno())}")
     for cap in caps:
-        _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap, 0, 0)
+        prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap, 0, 0)
 
 
 def no_new_privileges() -> None:
-    _prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)

@@ -7,6 +7,7 @@ Exit codes: 0 success; 1 a bad table or a refused operation (or no daemon runnin
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import socket
@@ -136,7 +137,7 @@ def _unix_in_the_way(path: str) -> str | None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from superd import takeover, upgrade
+    from superd import reader, takeover, upgrade
     from superd.forkexec import clean_signal_inheritance
     from superd.log import Log
     from superd.server import Server
@@ -144,10 +145,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     state = upgrade.take_over()  # set when this is `superd upgrade` taking over in place
     path = table_path(args.config)
-    try:  # only a table that cannot be read at all keeps superd from starting
-        table = read_table(path)
-    except TableError as e:
-        for problem in e.problems:
+    # Read in a child, as every read is (superd/reader.py): a handler module's import or a
+    # name without an answer cannot hang or end superd itself.
+    kind, value = reader.read_now(functools.partial(read_table, path), path)
+    if kind == "ok":
+        table = value
+    else:  # only a table that cannot be read at all keeps superd from starting
+        for problem in value if kind == "refused" else [f"{path}: {value}"]:
             print(problem, file=sys.stderr)
         if state is None:
             return 1
@@ -239,8 +243,10 @@ def _ask(args: argparse.Namespace, command: str) -> dict[str, Any] | None:
     sock_path = _control_path(table_path(args.config))
     if sock_path is None:
         return None
+    # a reload answers once the table is read (superd/reader.py gives that READ_TIMEOUT)
+    timeout = 150.0 if command == "reload" else 10.0
     try:
-        answer = control.request(sock_path, command)
+        answer = control.request(sock_path, command, timeout)
     except control.Stranger as e:
         print(f"superd: {e}", file=sys.stderr)
         return None

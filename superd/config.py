@@ -9,6 +9,7 @@ collected, not raised one by one, so `superd check` can list them all (SPEC §1)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import os
 import socket
@@ -103,22 +104,29 @@ def read_table(path: str, previous: Settings | None = None) -> Table:
 
 def _as_is(svc: Service) -> Callable[[], Service | list[Problem]]:
     """A retry for a service refused for its address only: the record stays good."""
-    return lambda: svc
+    return functools.partial(_same, svc)
+
+
+def _same(svc: Service) -> Service:
+    return svc
 
 
 def _failed(doc: Document, name: str, defaults: dict[str, Any], main: Document,
             problems: list[Problem]) -> Failed:
     """A service that did not load, with a way to try it again (its program or user may
-    appear later) from what was read, not from the file as it may be by then."""
+    appear later) from what was read, not from the file as it may be by then. The retry is
+    plain data (a partial of a module function): the table is read in a child process
+    (superd/reader.py) and sent to superd pickled, retries included."""
     raw = doc.value["services"][name]
     disabled = isinstance(raw, dict) and raw.get("disabled") is True
-
-    def retry() -> Service | list[Problem]:
-        svc, again = _service(doc, name, defaults, main)
-        return svc if svc is not None else again
-
     return Failed(name, f"{doc.file}:{doc.line(('services', name))}", tuple(problems),
-                  disabled, retry)
+                  disabled, functools.partial(_load_again, doc, name, defaults, main))
+
+
+def _load_again(doc: Document, name: str, defaults: dict[str, Any],
+                main: Document) -> Service | list[Problem]:
+    svc, again = _service(doc, name, defaults, main)
+    return svc if svc is not None else again
 
 
 def _with_sensors(services: list[tuple[Service, Document]]) -> list[tuple[Service, Document]]:
@@ -191,6 +199,7 @@ SETTINGS_KEYS: dict[str, Callable[[Any], Any]] = {
     "control_socket": fields.abs_path,
     "max_children": fields.count,
     "shutdown_grace": fields.seconds,
+    "read_timeout": fields.seconds,
     "max_sessions": lambda v: None if v == "auto" else fields.count(v),
     "idle_timeout": lambda v: 0.0 if v in (0, "never") else fields.seconds(v),
     "max_buffered": fields.size,

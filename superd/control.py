@@ -24,11 +24,15 @@ from collections.abc import Callable
 from typing import Any
 
 from superd import strict
-from superd.loop import READ, Loop
+from superd.loop import READ, WRITE, Loop, Timer
 
-Commands = dict[str, Callable[[], dict[str, Any]]]
+Reply = Callable[[dict[str, Any]], None]
+# A command is given where to send its answer: at once (status), or in a later loop turn
+# (reload: the table is read off the loop).
+Commands = dict[str, Callable[[Reply], None]]
 MAX_REQUEST = 256
 FD_PAUSE = 0.5  # out of fds: look at the control socket again this much later
+SEND_TIMEOUT = 5.0  # an answer its client does not read within this is dropped
 
 
 class ControlSocket:
@@ -80,25 +84,19 @@ class ControlSocket:
             # connection and the client would never see why it was refused.
             command = conn.recv(MAX_REQUEST).decode("ascii", "replace").strip()
             _, uid, _ = peer_credentials(conn)
-            if uid not in (0, os.geteuid()):
-                answer: dict[str, Any] = {
-                    "error": f"permission denied: only uid {os.geteuid()} and root may "
-                             "control this superd"}
-            else:
-                answer = self.answer(command)
-            conn.setblocking(True)
-            conn.settimeout(1.0)
-            conn.sendall(json.dumps(answer).encode() + b"\n")
         except OSError:
-            pass
-        finally:
             conn.close()
-
-    def answer(self, command: str) -> dict[str, Any]:
+            return
+        reply = _Answer(self.loop, conn).send
+        if uid not in (0, os.geteuid()):
+            reply({"error": f"permission denied: only uid {os.geteuid()} and root may "
+                            "control this superd"})
+            return
         run = self.commands.get(command)
         if run is None:
-            return {"error": f"unknown command {command!r}"}
-        return run()
+            reply({"error": f"unknown command {command!r}"})
+            return
+        run(reply)
 
     def close(self) -> None:
         self.loop.remove(self.sock)
@@ -109,6 +107,48 @@ class ControlSocket:
                 os.unlink(self.path)
         except OSError:
             pass
+
+
+class _Answer:
+    """One answer on its way to a client, without ever blocking the loop: what the socket
+    does not take at once is sent as it drains, for SEND_TIMEOUT at most."""
+
+    def __init__(self, loop: Loop, conn: socket.socket):
+        self.loop, self.conn = loop, conn
+        self.data = b""
+        self.given = False
+        self.timer: Timer | None = None
+
+    def send(self, answer: dict[str, Any]) -> None:
+        if self.given:
+            return
+        self.given = True
+        self.data = json.dumps(answer).encode() + b"\n"
+        self._write(WRITE)
+        if self.data:
+            self.loop.add(self.conn, WRITE, self._write)
+            self.timer = self.loop.call_later(SEND_TIMEOUT, self._close)
+
+    def _write(self, mask: int) -> None:
+        try:
+            sent = self.conn.send(self.data)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            sent = len(self.data)  # the client is gone: nothing more to send
+        self.data = self.data[sent:]
+        if not self.data:
+            self._close()
+
+    def _close(self) -> None:
+        self.data = b""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.conn.fileno() >= 0:
+            if self.loop.watching(self.conn):
+                self.loop.remove(self.conn)
+            self.conn.close()
 
 
 class Refused(OSError):

@@ -12,11 +12,13 @@ import ipaddress
 import os
 import re
 import resource
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, NamedTuple
 
-from superd import pyload, sockopts
+from superd import pyload, reader, sockopts
 from superd.listeners import PROTOCOLS, STREAM_PROTOCOLS, parse_address
 from superd.strict import Untrusted
 from superd.values import Missing, boolean, group_entry, integer, user_entry
@@ -146,13 +148,36 @@ def _no_nul(text: str, what: str) -> None:
 
 
 def python_handler(value: Any, ctx: Context) -> dict[str, Any]:
-    """Import `module:function` or `FILE.py:function` now, so a typo fails the load.
-
-    Whatever the module does while it loads is the table's problem, never superd's: an
-    exception, or sys.exit() (argparse at module level), or anything else BaseException.
-    """
+    """`module:function` or `FILE.py:function`, imported now so that a typo fails the load,
+    but in a child process of its own (superd/reader.py), within IMPORT_TIMEOUT: a module
+    whose top level loops, or ends its process, fails this service alone. superd keeps no
+    handler function: the service's host process imports it for itself (superd/pyhost.py)."""
     if not isinstance(value, str) or value.count(":") != 1 or value.endswith(":"):
         raise ValueError("expected module:function or FILE.py:function")
+    target = value.split(":")[0]
+    kind, got = reader.read_now(partial(_checked_source, value, ctx), f"the import of {target}",
+                                reader.IMPORT_TIMEOUT)
+    if kind == "ok":
+        return {"python": value, "function": None, "python_source": got}
+    if kind == "timeout":
+        raise Missing(f"cannot import {target}: its import did not return within "
+                      f"{reader.IMPORT_TIMEOUT:g} s")
+    if kind == "died":
+        raise Missing(f"cannot import {target}: its module ended the process while loading")
+    raise (Missing if kind == "missing" else ValueError)(str(got))
+
+
+def _checked_source(value: str, ctx: Context) -> str:
+    """In the child: load the handler; the sha256 of a FILE.py's source (a changed source is
+    a changed service: its host is replaced on reload), or ""."""
+    module = load_handler(value, ctx)[1]
+    return str(getattr(module, "__superd_source__", ""))
+
+
+def load_handler(value: str, ctx: Context) -> tuple[Callable[..., Any], types.ModuleType]:
+    """Import the handler and return its function (and module); Missing or ValueError with
+    the reason. Whatever the module does while it loads is the table's problem, never
+    superd's: an exception, sys.exit() (argparse at module level), anything BaseException."""
     target, func = value.split(":")
     try:
         if target.endswith(".py"):
@@ -173,10 +198,7 @@ def python_handler(value: Any, ctx: Context) -> dict[str, Any]:
     function = getattr(module, func, None)
     if not callable(function):
         raise Missing(f"{target} has no function {func!r}")
-    # A FILE.py handler is read anew at each load: a changed source is a changed service
-    # (its host process is replaced on reload).
-    source = getattr(module, "__superd_source__", "")
-    return {"python": value, "function": function, "python_source": source}
+    return function, module
 
 
 def user(value: Any, ctx: Context) -> dict[str, Any]:

@@ -181,12 +181,22 @@ class Loop:
                                        f"{SPIN_WINDOW:g}s: no longer watching its fd"), where)
 
     def _read_signals(self, mask: int) -> None:
-        try:
-            data = os.read(self.wake_r, 512)
-        except BlockingIOError:
-            return
-        for signum in data:
+        for signum in self.caught():
             self.on_signal(signum)
+
+    def caught(self) -> bytes:
+        """The signals caught since the last look (each as its number), taken off the wakeup
+        pipe: superd upgrade deals with them before it execs, which drops the pipe."""
+        data = b""
+        for _ in range(64):
+            try:
+                chunk = os.read(self.wake_r, 512)
+            except BlockingIOError:
+                break
+            data += chunk
+            if len(chunk) < 512:
+                break
+        return data
 
     def close(self) -> None:
         signal.set_wakeup_fd(-1)

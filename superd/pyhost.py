@@ -32,7 +32,7 @@ def load(service: Service) -> spawn.Prepared:
     """The service with its handler loaded here, prepared for spawn.spawn()."""
     ctx = fields.Context(name=service.name, table_dir=os.path.dirname(service.file),
                          protocol=service.protocol)
-    function = fields.python_handler(service.python, ctx)["function"]
+    function = fields.load_handler(service.python, ctx)[0]
     return spawn.prepare(dataclasses.replace(service, function=function), dict(os.environ))
 
 

@@ -10,11 +10,15 @@ from typing import Any
 def table_summary(state: dict[str, Any]) -> str:
     """`table of 14:02 refused: 3 problems, running the previous one`, or `table of 14:02`."""
     when = time.strftime("%H:%M", time.localtime(state["read"]))
+    reading = state.get("reading_since")
+    now = (f"; reading it again since {time.strftime('%H:%M:%S', time.localtime(reading))}"
+           if reading is not None else "")
     if state["refused"]:
-        return f"table of {when} refused: {state['problems']} problems, running the previous one"
+        return (f"table of {when} refused: {state['problems']} problems, running the previous "
+                f"one{now}")
     if state["problems"]:
-        return f"table of {when}: {state['problems']} problems"
-    return f"table of {when}"
+        return f"table of {when}: {state['problems']} problems{now}"
+    return f"table of {when}{now}"
 
 
 def status_line(status: dict[str, Any]) -> str:
@@ -44,3 +48,13 @@ def status_lines(status: dict[str, Any]) -> list[str]:
     for name, f in sorted(status.get("failed", {}).items()):
         lines.append(f"status: {name} not started: {f['reason']}")
     return lines
+
+
+def reload_answer(problems: list[str], refused: bool) -> dict[str, Any]:
+    """What `superd reload` hears: ok, or the problems and whether the table was refused."""
+    if refused:
+        return {"error": "reload refused, the running table stays:\n" + "\n".join(problems)}
+    if problems:
+        return {"error": "reloaded, but what these concern was refused (the services they "
+                         "name run as they did, or not at all):\n" + "\n".join(problems)}
+    return {"ok": True}

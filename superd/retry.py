@@ -17,8 +17,9 @@ from superd.loop import Timer
 
 FIRST, MOST = 1.0, 60.0
 
-# An attempt: None when the service now runs, else why it still does not.
-Attempt = Callable[[], str | None]
+# An attempt is given where to say how it went: None when the service now runs, else why it
+# still does not. It may say so later (loading an entry runs in a child process).
+Attempt = Callable[[Callable[[str | None], None]], None]
 
 
 @dataclass
@@ -73,7 +74,11 @@ class Retries:
         entry.timer = None
         entry.tries += 1
         assert entry.attempt is not None
-        reason = entry.attempt()
+        entry.attempt(lambda reason: self._tried(entry, reason))
+
+    def _tried(self, entry: Waiting, reason: str | None) -> None:
+        if self.waiting.get(entry.name) is not entry:
+            return  # dropped meanwhile (a reload, a stop): what it found is moot
         if reason is None:
             del self.waiting[entry.name]
             self.say(f"{entry.name}: started, {entry.tries} tries after: {entry.reason}")

@@ -11,29 +11,29 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sys
 import time
 import traceback
+from functools import partial
 from typing import Any
 
 from superd import daemonize, report, takeover, upgrade
-from superd.binding import ListenerPool, keys
-from superd.config import Service, Table, read_table
-from superd.control import ControlSocket
-from superd.listeners import Key, Listener
+from superd.binding import ListenerPool
+from superd.config import Table, read_table
+from superd.control import ControlSocket, Reply
+from superd.listeners import Listener
 from superd.log import Log
 from superd.loop import READ, Loop, Timer
-from superd.plan import NotRunning, Plan, make_plan
 from superd.processes import ProcessTable
-from superd.retry import Attempt, Retries
+from superd.reader import Reader, Result
+from superd.retry import Retries
+from superd.running import Running
 from superd.service import ServiceRuntime, Shared
 from superd.sessions import SessionTable
 from superd.spawn import HANDLED_SIGNALS, open_devnull
 from superd.spawners import SPAWNER, Spawners
 from superd.start import Starter
 from superd.systemd import Notifier
-from superd.yamlsrc import TableError
 
 ORPHAN_WAIT = 0.2  # after a spawner died, when its handlers are surely superd's children
 SPAWNERS = max(1, min(4, os.cpu_count() or 1))
@@ -42,7 +42,6 @@ MAX_TRACEBACKS = 10  # per minute; beyond, the internal errors are only counted
 
 class Server:
     def __init__(self, table: Table, log: Log, passed: dict[str, list[Listener]] | None = None):
-        self.table = table
         self.log = log
         self.loop = Loop(self.handle_signal, HANDLED_SIGNALS, self.internal_error)
         self.notifier = Notifier(self.loop.call_later)
@@ -52,7 +51,6 @@ class Server:
             table.settings.max_children, self.released, self.loop.call_later, self.helper_pids)
         self.pools: list[Spawners] = []  # every helper pool: the spawners, the python hosts
         self.listeners = ListenerPool(passed or {}, log.info, self.unwatch)
-        self.services: dict[str, ServiceRuntime] = {}
         self.spawners: Spawners | None = None
         s = table.settings
         self.sessions = SessionTable(self.loop, s.max_sessions, s.idle_timeout, s.max_buffered)
@@ -60,10 +58,12 @@ class Server:
                              Starter(self.loop, self.processes, lambda: self.spawners),
                              self.sessions, self.counts_changed, self.new_pool)
         self.retries = Retries(self.loop.call_later, log.error, self.counts_changed)
-        # When the table was last read and how it went: refused whole, or N problems.
-        self.table_state: dict[str, Any] = {"read": int(time.time()), "refused": False,
-                                            "problems": len(table.problems)}
-        self.kept: dict[str, str] = {}  # services running an older definition: why
+        # tables are read in a child (superd/reader.py), within settings.read_timeout
+        self.reader = Reader(self.loop, table.settings.read_timeout)
+        self.running = Running(table, self.listeners, self.shared, log, self.retries,
+                               self.reader, self.configure)
+        self.reading: list[Reply] | None = None  # a reload under way: who waits for it
+        self.read_again: list[Reply] | None = None  # asked for meanwhile: the next one's
         self.started_at = time.monotonic()
         self.upgrades = 0  # superd upgrades this daemon (this pid) went through
         self.last_upgrade_error: str | None = None
@@ -71,6 +71,14 @@ class Server:
         self.stopping = False
         self.control: ControlSocket | None = None
         self.status_timer: Timer | None = None
+
+    @property
+    def table(self) -> Table:
+        return self.running.table
+
+    @property
+    def services(self) -> dict[str, ServiceRuntime]:
+        return self.running.services
 
     # -- main loop ---------------------------------------------------------------------------
 
@@ -85,8 +93,8 @@ class Server:
             for listener in passed.pop(name):
                 listener.close()
         open_devnull()
-        self.log_problems(self.table)
-        self.apply(self.table)
+        self.running.log_problems(self.table)
+        self.running.apply(self.table)
         self.serving(f"started: {len(self.services)} services, pid {os.getpid()}")
 
     def serving(self, said: str) -> None:
@@ -105,31 +113,39 @@ class Server:
         """Start as the superd that takes over from an earlier one (superd upgrade): its
         sockets, handlers, sessions, helpers and counters are this one's now."""
         open_devnull()
-        self.log_problems(self.table)
+        self.running.log_problems(self.table)
         self.listeners.inherit(takeover.inherited_listeners(state))
-        self.apply(self.table)
+        self.running.apply(self.table)
         self.listeners.drop_inherited()
         self.pidfile = state.get("pidfile")
         said = takeover.resume(self, state)
         self.handle_chld()  # what ended during the exec
         self.serving(f"upgraded: pid {os.getpid()}, {len(self.services)} services; {said}")
 
-    def upgrade(self) -> str | None:
+    def upgrade(self) -> None:
         """Hand everything over to the superd installed now, in this very process (the same
-        pid): it goes on from here. Returns why not, if it cannot (this one goes on then)."""
+        pid): it goes on from here. If it cannot, this one goes on, and says why (in the log
+        and as last_upgrade_error in the status)."""
+        mask = upgrade.block_signals()  # from here on they wait for the new superd
+        for signum in self.loop.caught():  # caught before: obeyed here (the pipe goes)
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                self.stop()
+            elif signum not in (signal.SIGHUP, signal.SIGUSR2):  # (the new one reads it all)
+                self.handle_signal(signum)
         if self.stopping:
-            return "superd is stopping"
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            return
         self.notifier.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
         state, fds = takeover.export(self, self.pidfile)
         self.log.info(f"upgrading: handing {len(self.processes)} handlers and "
                       f"{len(self.sessions)} sessions over to {sys.executable} -m superd")
         self.log.close()
         why = upgrade.hand_over(state, self.table.path, fds)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         self.log.attach(self.loop)
         self.log.error(f"upgrade failed, going on as before: {why}")
         self.last_upgrade_error = why
         self.notifier.notify("READY=1")
-        return why
 
     def run(self) -> None:
         while not (self.stopping and not len(self.processes)):
@@ -165,8 +181,9 @@ class Server:
             self.log.info(line)
 
     def handle_usr2(self) -> None:
-        """`superd upgrade`: the installed superd takes over, in place."""
-        self.upgrade()  # (if it cannot, why is in the log and in the status)
+        """`superd upgrade`: the installed superd takes over, in place, once the signals
+        read with this one are dealt with (upgrade() takes the rest)."""
+        self.loop.call_later(0, self.upgrade)  # (if it cannot, why is in the log and status)
 
     def handle_quit(self) -> None:
         self.log.info("SIGQUIT ignored (SIGTERM stops superd)")
@@ -218,141 +235,78 @@ class Server:
                 "unanswered": self.unanswered, "closed": self.pools.remove}
 
     def helper_pids(self) -> set[int]:
-        return {pid for pool in self.pools for pid in pool.pids}
+        return {pid for pool in self.pools for pid in pool.pids} | self.reader.pids()
 
     def released(self, listener: Listener) -> None:
-        """A wait handler exited: the service that has its listener may poll it again."""
-        if listener.sock.fileno() >= 0:
-            listener.sock.setblocking(False)  # it had it blocking (ServiceRuntime.start_wait)
-        for runtime in self.services.values():
-            if listener in runtime.listeners:
-                runtime.poll()
-                return
+        self.running.released(listener)
 
     def unwatch(self, listener: Listener) -> None:
         self.loop.remove(listener.sock)
 
     # -- the table ---------------------------------------------------------------------------
 
-    def running(self) -> dict[str, Service]:
-        return {name: runtime.config for name, runtime in self.services.items()}
-
-    def apply(self, table: Table) -> Plan:
-        """Take `table`: each service's new definition that loads and binds, the running one
-        of each that does not; the rest wait for a retry."""
-        pool, bind_failures = self.listeners.bind(list(table.enabled))
-        plan = make_plan(table, self.running(), bind_failures)
-        for name in list(plan.kept):  # a kept service keeps its sockets
-            if plan.run[name].name in self.listeners.passed:
-                continue
-            old = keys(plan.run[name])
-            if any(key in pool or key not in self.listeners.pool for key in old):
-                del plan.run[name]
-                reason = f"{plan.kept.pop(name)}; its old address is another's now"
-                plan.failed[name] = NotRunning(f"{table.path}", reason)
-                continue
-            pool.update({key: self.listeners.pool[key] for key in old})
-        self.install(table, plan.run, pool)
-        self.retries.clear()
-        for name, why in plan.failed.items():
-            retry = why.service is not None or why.load is not None
-            self.retries.add(name, why.where, why.reason, self.attempt(why) if retry else None)
-        self.kept = dict(plan.kept)
-        for name, reason in plan.kept.items():
-            self.log.error(f"{name}: its new definition is not taken, it runs as it did: "
-                           f"{reason}")
-        return plan
-
-    def attempt(self, why: NotRunning) -> Attempt:
-        """Try a service that does not run again: load its entry (as it was read), bind it,
-        start serving it."""
-        def attempt() -> str | None:
-            svc = why.service
-            if svc is None and why.load is not None:
-                got = why.load()
-                if isinstance(got, list):
-                    return "; ".join(str(p) for p in got)
-                svc = got
-            if svc is None or self.stopping:
-                return why.reason
-            listeners = self.listeners.try_bind(svc)
-            if isinstance(listeners, str):
-                return listeners
-            self.services[svc.name] = ServiceRuntime(svc, self.shared)
-            self._own_ports()
-            self.services[svc.name].take(listeners)
-            return None
-        return attempt
-
-    def install(self, table: Table, run: dict[str, Service], pool: dict[Key, Listener]) -> None:
-        """Switch to `run` and `pool`: close what is gone, hand listeners to services."""
-        for listener in self.listeners.all():
-            self.unwatch(listener)  # each service watches its own again below
-        self.listeners.install(pool)
-        self.table = table
-        self.processes.max_children = table.settings.max_children
+    def configure(self, table: Table) -> None:
+        """The daemon-wide settings of a table being taken."""
         s = table.settings
+        self.processes.max_children = s.max_children
+        self.reader.timeout = s.read_timeout
         self.sessions.configure(s.max_sessions, s.idle_timeout, s.max_buffered)
-        self.log.configure(table.settings, table.service_logs)
-        services: dict[str, ServiceRuntime] = {}
-        for name, svc in run.items():
-            runtime = self.services.get(name)
-            if runtime is None:
-                runtime = ServiceRuntime(svc, self.shared)
-            else:
-                runtime.configure(svc)
-            services[name] = runtime
-        for name, runtime in self.services.items():
-            if name not in services:
-                runtime.retire()  # its running handlers finish on their own
-        self.services = services
-        self._own_ports()
-        for runtime in services.values():
-            runtime.take(self.listeners.for_service(runtime.config))
+        self.log.configure(s, table.service_logs)
 
-    def _own_ports(self) -> None:
-        self.shared.udp_ports = frozenset(
-            lst.sock.getsockname()[1] for lst in self.listeners.all()
-            if not lst.stream and lst.family in (socket.AF_INET, socket.AF_INET6))
-
-    def log_problems(self, table: Table) -> None:
-        for problem in table.problems:
-            self.log.error(f"table problem: {problem}")
-
-    def reload(self) -> list[str]:
-        """SIGHUP: read the table again and take of it what loads and binds (`apply`).
-
-        Returns the problems found (empty when all of it was taken). Only a table that cannot
-        be read at all changes nothing.
-        """
+    def reload(self, reply: Reply | None = None) -> None:
+        """SIGHUP: read the table again, in a child (superd/reader.py), then take of it what
+        loads and binds (`reloaded`). Only a table that cannot be read at all changes
+        nothing. One read at a time: one asked for meanwhile follows it (the file may have
+        changed since the first began). `reply` hears the outcome (superd reload)."""
         if self.stopping:
-            return ["superd is stopping"]
+            if reply is not None:
+                reply({"error": "superd is stopping"})
+            return
+        replies = [reply] if reply else []
+        if self.reading is not None:
+            self.read_again = (self.read_again or []) + replies
+            return
+        self._read(replies)
+
+    def _read(self, replies: list[Reply]) -> None:
+        self.reading = replies
+        self.running.state["reading_since"] = int(time.time())
         self.notifier.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
-        try:
-            table = read_table(self.table.path, self.table.settings)
-        except TableError as e:
-            problems = [str(p) for p in e.problems]
+        self.reader.run(partial(read_table, self.table.path, self.table.settings),
+                        self.reloaded, self.table.path)
+
+    def reloaded(self, result: Result) -> None:
+        kind, value = result
+        replies, self.reading = self.reading or [], None
+        if self.stopping:
+            problems, refused = ["superd is stopping"], True
+        elif kind != "ok":
+            problems, refused = [str(p) for p in value] if kind == "refused" else [value], True
             for problem in problems:
                 self.log.error(f"reload refused, keeping the running table: {problem}")
-            self.table_state = {"read": int(time.time()), "refused": True,
-                                "problems": len(problems)}
-            self.notifier.notify("READY=1")
-            self.send_status()
-            return problems
-        self.log_problems(table)
-        before = self.running()
-        plan = self.apply(table)
+        else:
+            problems, refused = self._take(value), False
+        self.running.state = {"read": int(time.time()), "refused": refused,
+                              "problems": len(problems)}
+        self.notifier.notify("READY=1")
+        self.send_status()
+        for reply in replies:
+            reply(report.reload_answer(problems, refused))
+        if self.read_again is not None and not self.stopping:
+            again, self.read_again = self.read_again, None
+            self._read(again)
+
+    def _take(self, table: Table) -> list[str]:
+        """A table that was read: take it, say what changed, return the problems."""
+        self.running.log_problems(table)
+        before = self.running.definitions()
+        plan = self.running.apply(table)
         if self.control is None or self.control.path != table.settings.control_socket:
             self.open_control(table.settings.control_socket)
         self.log.info("reloaded: " + plan.summary(before))
-        problems = [str(p) for p in table.problems] + [
+        return [str(p) for p in table.problems] + [
             f"services.{name}: {why.reason}" for name, why in plan.failed.items()
             if why.service is not None]
-        self.table_state = {"read": int(time.time()), "refused": False,
-                            "problems": len(problems)}
-        self.notifier.notify("READY=1")
-        self.send_status()
-        return problems
 
     # -- the control socket ------------------------------------------------------------------
 
@@ -360,10 +314,9 @@ class Server:
         """Answer `superd status/reload/stop` at `path`; on a reload that moved it, leave the
         old path only once the new one answers (`superd` reads the path from the table)."""
         try:
-            control = ControlSocket(self.loop, path, {"status": self.status,
-                                                      "reload": self.control_reload,
-                                                      "stop": self.control_stop,
-                                                      "upgrade": self.control_upgrade})
+            control = ControlSocket(self.loop, path, {
+                "status": lambda reply: reply(self.status()), "reload": self.reload,
+                "stop": self.control_stop, "upgrade": self.control_upgrade})
         except OSError as e:
             where = (f"still answering on {self.control.path}" if self.control is not None
                      else "superd status/reload/stop will not reach this daemon")
@@ -374,33 +327,24 @@ class Server:
             self.log.info(f"control socket moved to {path}")
         self.control = control
 
-    def control_reload(self) -> dict[str, Any]:
-        problems = self.reload()
-        if self.table_state["refused"]:
-            return {"error": "reload refused, the running table stays:\n" + "\n".join(problems)}
-        if problems:
-            return {"error": "reloaded, but what these concern was refused (the services they "
-                             "name run as they did, or not at all):\n" + "\n".join(problems)}
-        return {"ok": True}
+    def control_upgrade(self, reply: Reply) -> None:
+        reply({"ok": True, "upgrades": self.upgrades})
+        self.loop.call_later(0, self.handle_usr2)  # answered first: the exec ends this one
 
-    def control_upgrade(self) -> dict[str, Any]:
-        self.loop.call_later(0, self.handle_usr2)  # answer first: the exec ends this connection
-        return {"ok": True, "upgrades": self.upgrades}
-
-    def control_stop(self) -> dict[str, Any]:
-        self.loop.call_later(0, self.stop)  # answer first
-        return {"ok": True}
+    def control_stop(self, reply: Reply) -> None:
+        reply({"ok": True})
+        self.loop.call_later(0, self.stop)
 
     def status(self) -> dict[str, Any]:
         """Live counters for `superd status` (SPEC §1)."""
         services = {name: rt.status() for name, rt in self.services.items()}
-        for name, reason in self.kept.items():
+        for name, reason in self.running.kept.items():
             if name in services:
                 services[name]["kept"] = reason
+        state = self.running.state
         return {"services": services, "failed": self.retries.status(),
                 "problems": [str(p) for p in self.table.problems],
-                "table_state": {**self.table_state,
-                                "summary": report.table_summary(self.table_state)},
+                "table_state": {**state, "summary": report.table_summary(state)},
                 "children": len(self.processes), "escaped": len(self.processes.escaped),
                 "running": len(self.processes.by_pid), "upgrades": self.upgrades,
                 "last_upgrade_error": self.last_upgrade_error,
@@ -414,13 +358,12 @@ class Server:
         if self.stopping:
             return
         self.stopping = True
-        self.retries.clear()
         self.notifier.notify("STOPPING=1")
+        self.reader.stop()  # a reload under way ends: its callers hear superd is stopping
         if self.control is not None:
             self.control.close()
         self.log.info(f"stopping: {len(self.processes)} handlers running")
-        for runtime in self.services.values():
-            runtime.stop()
+        self.running.stop()
         self.sessions.close_all()
         self.listeners.close_all()
         self.processes.stop()

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from superd import spawner, spawnproto
+from superd import caps, spawner, spawnproto
 from superd.forkexec import exec_error, fork_exec
 from superd.spawnproto import Request, Started
 
@@ -216,8 +216,6 @@ class Spawners:
 def become_subreaper() -> None:
     """Orphans of superd's descendants become superd's children (PR_SET_CHILD_SUBREAPER)."""
     try:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(36, 1, 0, 0, 0)
-    except (OSError, AttributeError):
+        caps.prctl(caps.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except OSError:
         pass

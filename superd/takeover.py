@@ -39,11 +39,13 @@ class Daemon(Protocol):
     listeners: ListenerPool
     processes: ProcessTable
     sessions: SessionTable
-    services: dict[str, ServiceRuntime]
     pools: list[Spawners]
     shared: Shared
     started_at: float
     upgrades: int
+
+    @property
+    def services(self) -> dict[str, ServiceRuntime]: ...
 
     def pool_callbacks(self) -> dict[str, Any]: ...
 

@@ -28,7 +28,10 @@ VERSION = 1
 
 
 def hand_over(state: dict[str, Any], table: str, keep: Iterable[int]) -> str:
-    """Exec the installed superd with `state`; only returns (with why) if that fails."""
+    """Exec the installed superd with `state`; only returns (with why) if that fails. The
+    caller has blocked every signal (see block_signals): those that come during the exec
+    wait, blocked, for the new superd's handlers (the mask survives exec; a default
+    disposition would end the process)."""
     keep = list(keep)
     fd = os.memfd_create("superd-upgrade", 0)
     cwd = os.getcwd()
@@ -42,14 +45,10 @@ def hand_over(state: dict[str, Any], table: str, keep: Iterable[int]) -> str:
         os.set_inheritable(fd, True)
         env = {**os.environ, ENV: str(fd)}
         argv = [sys.executable, "-m", "superd", "run", "-c", table]
-        # Signals that come during the exec wait, blocked, for the new superd's handlers
-        # (the mask survives exec; a default disposition would end the process).
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
         try:
             os.chdir(home)
             os.execve(sys.executable, argv, env)
         except OSError as e:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
             os.chdir(cwd)
             return f"cannot run {sys.executable}: {e.strerror}"
     finally:
@@ -80,6 +79,11 @@ def take_over() -> dict[str, Any] | None:
     except OSError:
         os.chdir("/")
     return state
+
+
+def block_signals() -> set[int | signal.Signals]:
+    """Block every signal; return the mask to go back to."""
+    return signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
 
 
 def unblock_signals() -> None:

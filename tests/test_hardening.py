@@ -91,7 +91,9 @@ def test_handlers_have_no_terminal_and_default_signals(new_daemon):
 
 def test_usr1_logs_the_status_usr2_and_quit_do_not_kill(superd):
     """Finding 13: SIGUSR1, SIGUSR2 and SIGQUIT must not kill superd; SIGUSR1 writes what
-    `superd status` shows into the log, as xinetd's state dump does."""
+    `superd status` shows into the log, as xinetd's state dump does; SIGUSR2 upgrades in
+    place (tests/test_upgrade.py), and a SIGQUIT sent right after it is not lost over the
+    exec."""
     port = free_port()
     d = superd({"echo": {"listen": f"127.0.0.1:{port}", "internal": "echo"}})
     assert tcp_exchange("127.0.0.1", port, b"a\n", expect_len=2) == b"a\n"
@@ -100,6 +102,7 @@ def test_usr1_logs_the_status_usr2_and_quit_do_not_kill(superd):
     for sig in (signal.SIGUSR2, signal.SIGQUIT):
         d.proc.send_signal(sig)
     d.wait_log(r"SIGQUIT ignored")
+    d.wait_log(rf"^upgraded: pid {d.pid}, ")
     assert d.proc.poll() is None
     assert tcp_exchange("127.0.0.1", port, b"b\n", expect_len=2) == b"b\n"
 

@@ -129,7 +129,10 @@ def test_upgrade_keeps_sessions_handlers_and_counts(new_daemon, tmp_path):
         d.wait_log(r"^EXIT: py status=3 ")
         # the same wait handler answers, and once it is gone superd starts the next one
         assert udp(ports["udp"], b"b") == b"%d:b" % udp_pid
+        # once it sleeps it is back in recvfrom(): still blocking, as it was handed over
+        wait_until(lambda: lib.proc_state(udp_pid) == "S", 5, "the handler waits again")
         assert udp(ports["udp"], b"quit") == b"bye"
+        assert not [x for x in d.lines() if "BlockingIOError" in x], "\n".join(d.lines())
         d.wait_exit("udp", udp_pid)
         again = udp(ports["udp"], b"c")
         assert again.endswith(b":c") and int(again.split(b":")[0]) != udp_pid
@@ -137,7 +140,8 @@ def test_upgrade_keeps_sessions_handlers_and_counts(new_daemon, tmp_path):
         final = lib.status(d)
         assert final["services"]["cat"]["accepted"] == before["services"]["cat"]["accepted"]
         assert final["services"]["echo"]["accepted"] == before["services"]["echo"]["accepted"] + 1
-        assert final["services"]["udp"]["accepted"] == before["services"]["udp"]["accepted"] + 1
+        assert final["services"]["udp"]["accepted"] == before["services"]["udp"]["accepted"] + 1, \
+            "\n".join(d.lines())
     finally:
         for s in (echo, cat, py):
             s.close()

@@ -160,10 +160,17 @@ def test_an_internal_service_ignores_wait_and_user(tmp_path):
     assert (svc.internal, svc.wait, svc.uid, svc.groups) == ("echo", False, None, None)
 
 
-def test_a_python_handler_is_imported_at_load(tmp_path):
-    write(tmp_path / "handler.py", "def handle(sock, env):\n    return 3\n")
+def test_a_python_handler_is_imported_at_load_in_a_child(tmp_path):
+    """Imported to check it (in a child process: its top level runs there, not here), and
+    marked by its source's hash; the function itself stays with the service's host."""
+    marker = tmp_path / "imported-by"
+    write(tmp_path / "handler.py", "import os\n"
+          f"open({str(marker)!r}, 'w').write(str(os.getpid()))\n"
+          "def handle(sock, env):\n    return 3\n")
     svc = one_service(tmp_path, "python", "handler.py:handle", base="listen: 8")
-    assert svc.python == "handler.py:handle" and svc.function(None, {}) == 3
+    assert svc.python == "handler.py:handle" and svc.function is None
+    assert len(svc.python_source) == 64
+    assert marker.read_text() != str(os.getpid()), "the module ran in the loading process"
 
 
 # -- every key: values that do not load, and what superd check says ---------------------------
@@ -412,7 +419,7 @@ def test_settings_that_load(tmp_path):
 @pytest.mark.parametrize("text, where, message", [
     ("colour: blue", "settings.colour",
      "unknown key (expected syslog, control_socket, max_children, shutdown_grace, "
-     "max_sessions, idle_timeout, max_buffered)"),
+     "read_timeout, max_sessions, idle_timeout, max_buffered)"),
     ("control_socket: ctl.sock", "settings.control_socket",
      "expected an absolute path, not 'ctl.sock'"),
     ("max_children: 0", "settings.max_children", "0 is out of range (1 to 1000000)"),
