@@ -11,6 +11,7 @@ superd.config), not to the packages above it.
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -167,3 +168,18 @@ def test_the_circle_finder_sees_every_kind_of_import(tmp_path):
     assert circles(import_graph(package)) == [
         (["superd.a", "superd.b", "superd.c", "superd.sub.d", "superd.a"],
          ["superd.a", "superd.b", "superd.c", "superd.sub.d"])]
+
+
+def test_every_module_is_in_both_layout_tables():
+    """README's layout and docs/architecture.md's table of files name every module, and
+    are the same table: a newcomer finds a file from either."""
+    def table(path: Path) -> str:
+        text = path.read_text()
+        start = text.index("| file | what it is |")
+        return text[start:text.index("\n\n", start)]
+    readme, arch = table(ROOT / "README.md"), table(ROOT / "docs" / "architecture.md")
+    assert readme == arch, "README.md's layout table differs from docs/architecture.md's"
+    named = set(re.findall(r"`(?:superd/)?([a-z_]+\.py)`", arch))
+    modules = {p.name for p in (ROOT / "superd").glob("*.py")} - {"__init__.py", "__main__.py"}
+    assert not modules - named, f"modules the layout table does not name: {sorted(modules - named)}"
+    assert not named - modules, f"the layout table names what is gone: {sorted(named - modules)}"
