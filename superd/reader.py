@@ -57,6 +57,11 @@ def _child(work: Callable[[], Any], w: int, parent: int) -> None:
         caps.prctl(caps.PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if os.getppid() != parent:
             os._exit(1)  # the parent is gone already
+        # None of superd's sockets stays open here: a connection superd closes meanwhile
+        # must end for its client now, not when this child does; a port a reload gives up
+        # must be free.
+        os.closerange(3, w)
+        os.closerange(w + 1, os.sysconf("SC_OPEN_MAX"))
         try:
             result: Result = ("ok", work())
         except BaseException as e:
