@@ -343,7 +343,9 @@ SERVICE_KEYS: dict[str, Callable[[Any, Context], dict[str, Any]]] = {
     "no_access": networks("no_access"),
     "timeout": simple("timeout", seconds),
     "backlog": simple("backlog", lambda v: integer(v, 1, 65535)),
-    "stderr": simple("stderr", lambda v: _choice(("log", "socket", "null"), v)),
+    # `stderr: null` unquoted is YAML's null: it means the word, as the docs write it
+    "stderr": simple("stderr", lambda v: _choice(("log", "socket", "null"),
+                                                  "null" if v is None else v)),
     "disabled": simple("disabled", boolean),
     "log_on_success": fields_subset("log_on_success", SUCCESS_FIELDS),
     "log_on_failure": fields_subset("log_on_failure", FAILURE_FIELDS),

@@ -45,7 +45,7 @@ class Limits:
         self.failures = 0  # starts that failed in a row
         self.backoff = 0.0  # the current back-off step, in seconds (0: none)
         self.fd_backoff = 0.0
-        self.tokens = 0.0
+        self.tokens: float | None = None  # None: no rate (yet)
         self.refilled = clock()
         self.configure(config, _always)
 
@@ -55,7 +55,9 @@ class Limits:
         if config.rate:
             self.capacity = float(config.rate[0])
             self.per_second = config.rate[0] / config.rate[1]
-            self.tokens = min(self.tokens, self.capacity) if self.tokens else self.capacity
+            # a reload keeps what the bucket holds (an empty one too): no fresh burst
+            self.tokens = (min(self.tokens, self.capacity) if self.tokens is not None
+                           else self.capacity)
         if self.paused == "service_limit" and not self.full():
             self.resume()
 
@@ -126,16 +128,24 @@ class Limits:
     # -- rate --------------------------------------------------------------------------------
 
     def take_token(self) -> None:
-        now = self.clock()
-        self.tokens = min(self.capacity, self.tokens + (now - self.refilled) * self.per_second)
-        self.refilled = now
-        self.tokens -= 1
+        self.tokens = self._refill() - 1
         if self.tokens < 1:
             self.pause("rate", (1 - self.tokens) / self.per_second)
+
+    def _refill(self) -> float:
+        now = self.clock()
+        self.tokens = min(self.capacity, (self.tokens or 0.0)
+                          + (now - self.refilled) * self.per_second)
+        self.refilled = now
+        return self.tokens
 
     # -- pausing -----------------------------------------------------------------------------
 
     def pause(self, reason: str, seconds: float | None = None) -> None:
+        """Stop polling the listener for `reason`; a back-off under way is never cut short
+        by another pause (it lasts its step, then the other reason is looked at again)."""
+        if self.paused == "backoff" and reason != "backoff" and self.timer is not None:
+            return
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -149,6 +159,10 @@ class Limits:
             self.timer.cancel()
             self.timer = None
         reason, self.paused = self.paused, None
+        tokens = self._refill() if reason == "backoff" and self.config.rate else 1.0
+        if tokens < 1:
+            self.pause("rate", (1 - tokens) / self.per_second)  # (not cut by the back-off)
+            return
         if reason != "service_limit" and self.config.on_limit == "queue" and self.full():
             self.paused = "service_limit"
         self.changed()

@@ -106,7 +106,8 @@ def decode_replies(data: bytes) -> list[Reply]:
         raise ValueError(f"not a reply message ({e})") from None
     out: list[Reply] = []
     for item in items if isinstance(items, tuple) else (None,):
-        kind = _TAGS.get(item[0]) if isinstance(item, tuple) and item else None
+        head = item[0] if isinstance(item, tuple) and item else None
+        kind = _TAGS.get(head) if isinstance(head, str) else None
         if kind is None or len(item) != len(kind._fields) + 1:
             raise ValueError(f"unexpected reply {item!r:.80}")
         out.append(kind(*item[1:]))

@@ -29,7 +29,10 @@ def integer(value: Any, low: int, high: int) -> int:
 
 
 def user_entry(value: Any) -> pwd.struct_passwd:
-    """A user by name or number (looked up at load, so a typo shows in `superd check`)."""
+    """A user by name or number (looked up at load, so a typo shows in `superd check`). A
+    YAML boolean is neither: `user: true` must not run as uid 1, `group: false` as root."""
+    if isinstance(value, bool):
+        raise ValueError(f"no such user {value!r} (a name or a number, not true or false)")
     try:
         return pwd.getpwuid(value) if isinstance(value, int) else pwd.getpwnam(str(value))
     except (KeyError, OverflowError):
@@ -37,6 +40,8 @@ def user_entry(value: Any) -> pwd.struct_passwd:
 
 
 def group_entry(value: Any) -> grp.struct_group:
+    if isinstance(value, bool):
+        raise ValueError(f"no such group {value!r} (a name or a number, not true or false)")
     try:
         return grp.getgrgid(value) if isinstance(value, int) else grp.getgrnam(str(value))
     except (KeyError, OverflowError):

@@ -213,8 +213,6 @@ def test_a_rate_pause_that_ends_while_full_keeps_the_listener_paused(fake_time):
     assert svc.paused is None
 
 
-@pytest.mark.xfail(strict=True, reason="Limits.configure() refills an exactly empty bucket: "
-                   "`if self.tokens` takes 0.0 for 'never configured'")
 def test_a_reload_does_not_refill_the_rate_bucket(fake_time):
     """SIGHUP (any table change) must not let a rate-limited service take a fresh burst."""
     svc = Svc(fake_time, rate=(2, 60.0))  # rate: 2/min, a token every 30 s
@@ -312,10 +310,6 @@ def test_back_off_ending_while_full_keeps_the_queue_pause(fake_time):
     assert svc.paused is None
 
 
-@pytest.mark.xfail(strict=True, reason="Limits.pause() replaces a running pause and its timer: "
-                   "a shorter (rate) or timerless (service_limit) pause cuts a back-off short. "
-                   "Not reachable while no stage waits: a connection that finishes a waiting "
-                   "stage during a back-off is admitted then")
 @pytest.mark.parametrize("config", [{"rate": (1, 0.1)}, {"instances": 1, "on_limit": "queue"}])
 def test_an_admission_during_a_back_off_does_not_cut_it_short(fake_time, config):
     svc = Svc(fake_time, **config)

@@ -258,16 +258,10 @@ def test_a_bad_value_is_named_by_file_line_and_key(tmp_path, key, text, message)
         f"{tmp_path}/superd.yaml:5: services.s.{key}: {message}"]
 
 
-@pytest.mark.xfail(strict=True, reason="fields: `stderr: null`, as README and SPEC write it, is "
-                   "YAML's null (None) and is refused: 'expected one of log, socket, null, not "
-                   "None'; only the quoted \"null\" loads")
 def test_stderr_null_as_documented_loads(tmp_path):
     assert one_service(tmp_path, "stderr", "null").stderr == "null"
 
 
-@pytest.mark.xfail(strict=True, reason="fields.user()/group() take a YAML boolean for a number: "
-                   "isinstance(True, int), so `user: true` runs as uid 1 and `group: false` "
-                   "as gid 0 (root)")
 @pytest.mark.parametrize("key, text", [("user", "true"), ("group", "false"), ("group", "yes")])
 def test_a_boolean_is_not_a_user_or_group(tmp_path, key, text):
     (line,) = problems(tmp_path, service_with(key, text))
