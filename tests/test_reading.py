@@ -65,7 +65,9 @@ def test_a_handler_that_never_returns_from_its_import_stalls_nothing(new_daemon)
     assert lib.status(d)["table_state"]["refused"] is True
     # fixed: the next reload takes it
     (d.table.parent / "spin.py").write_text(HANDLER)
-    d.reload()
+    d.reload(services)  # (and read_timeout back to its default)
+    status = lib.status(d)
+    assert "spin" in status["services"], status
     with socket.create_connection(("127.0.0.1", services["spin"]["listen"].split(":")[1])) as s:
         assert lib.recv_until_eof(s) == b"hi\n"
 
