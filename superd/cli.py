@@ -231,9 +231,14 @@ def _control_path(path: str) -> str | None:
     try:
         value = yamlsrc.load(os.path.abspath(path)).value
     except TableError as e:
+        # (A reload of a table that cannot be read must still reach the daemon, so that it
+        # says "refused" in its status and STATUS=: ExecReload= runs this.)
         for problem in e.problems:
             print(problem, file=sys.stderr)
-        return None
+        default = Settings().control_socket
+        print(f"superd: asking the daemon at the default control socket {default}",
+              file=sys.stderr)
+        return default
     settings = value.get("settings") if isinstance(value, dict) else None
     sock = settings.get("control_socket") if isinstance(settings, dict) else None
     return sock if isinstance(sock, str) and sock.startswith("/") else Settings().control_socket

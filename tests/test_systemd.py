@@ -92,7 +92,8 @@ def test_units_pass_systemd_analyze_verify(tmp_path):
 def test_units_say_what_the_issue_asks():
     svc = (UNITS / "superd.service").read_text()
     sock = (UNITS / "superd.socket").read_text()
-    for line in ("Type=notify", "NotifyAccess=main", "ExecReload=/bin/kill -HUP $MAINPID",
+    for line in ("Type=notify", "NotifyAccess=main",
+                 "ExecReload=/usr/local/bin/superd reload -c /etc/superd/superd.yaml",
                  "Restart=on-failure", "KillMode=mixed", "RuntimeDirectory=superd"):
         assert re.search(rf"^{re.escape(line)}$", svc, re.M), line
     for forbidden in ("NoNewPrivileges", "PrivateUsers", "CapabilityBoundingSet",
@@ -168,6 +169,46 @@ def test_reload_is_reloading_then_ready_and_status_counts_connections(superd):
     idx = d.notify_index()
     assert d.stop() == 0
     d.wait_notify("STOPPING=1", idx, 1)
+
+
+def test_a_refused_reload_fails_and_is_shown_until_a_good_one(superd):
+    p1, p2 = free_port(), free_port()
+    services = {"echo": echo(p1)}
+    d = superd(services)
+    # A table that cannot be read at all: `superd reload` (the unit's ExecReload=) waits for
+    # the answer and exits 1; STATUS= and `superd status` say so; the running table serves.
+    # (`superd reload` of a table that cannot be read asks at the default control socket, as
+    # the shipped unit has it: here the daemon's is elsewhere, so the reload is also asked
+    # through a second table that only names it.)
+    idx = d.notify_index()
+    d.write_table(text="services: {broken: {listen: nowhere\n")
+    pointer = d.table.parent / "pointer.yaml"
+    pointer.write_text(yaml.safe_dump({"settings": {"control_socket": str(d.ctl)}}))
+    r = cli("reload", "-c", str(pointer))
+    assert r.returncode == 1 and "reload refused" in r.stderr, r
+    assert "superd: reloaded" not in r.stdout
+    assert d.wait_notify("READY=1", d.wait_notify("RELOADING=1", idx)) > idx
+    r = cli("reload", "-c", str(d.table))
+    assert r.returncode == 1 and "YAML" in r.stderr and "default control socket" in r.stderr
+    refused = r"table of \d\d:\d\d refused: 1 problem, running the previous one"
+    wait_until(lambda: any(re.search(refused, s) for s in statuses(d)), 5,
+               "STATUS= naming the refused table")
+    r = cli("status", "-c", str(pointer))
+    assert r.returncode == 0 and re.search(refused, r.stdout.splitlines()[0]), r.stdout
+    assert echoes(p1)
+    # A good reload: exit 0, and the refusal is no longer shown.
+    services["echo2"] = echo(p2)
+    d.write_table(services)
+    idx = d.notify_index()
+    r = cli("reload", "-c", str(d.table))
+    assert (r.returncode, r.stdout) == (0, "superd: reloaded\n"), r
+    assert echoes(p2)
+    d.wait_notify("READY=1", idx)
+    wait_until(lambda: statuses(d) and statuses(d)[-1].startswith("2 services"), 5,
+               "STATUS= of the new table")
+    assert "refused:" not in statuses(d)[-1]
+    r = cli("status", "-c", str(d.table))
+    assert "refused:" not in r.stdout.splitlines()[0], r.stdout
 
 
 def test_watchdog_pings_when_systemd_asks(superd):
@@ -637,8 +678,8 @@ def test_superd_service_under_real_systemd(container):
             assert box.run(["stat", "-c", "%a %U", "/run/superd/control.sock"]).stdout == \
                 "600 root\n"
 
-            # systemctl reload: ExecReload sends SIGHUP. On systemd 252 it returns once the
-            # signal is sent, so the added service is waited for (bounded).
+            # systemctl reload: ExecReload runs `superd reload`, which returns once the
+            # reload is done (the wait stays, bounded, as a guard).
             services["echo2"] = echo(p2)
             _write_table(box, services)
             box.run(["systemctl", "reload", "superd"])
@@ -769,3 +810,37 @@ def test_socket_unit_restart_refuses_nothing(container):
         box.run(["systemctl", "daemon-reload"], check=False)
     for port in (ps, ph):
         assert connection_refused("127.0.0.1", port)
+
+
+def test_systemctl_reload_fails_on_a_refused_table_and_status_says_so(container):
+    box = container
+    pe, p2 = free_port(), free_port()
+    services = {"echo": echo(pe)}
+    _write_table(box, services)
+    try:
+        box.run(["systemctl", "start", "superd"])
+        main_pid = _show(box, "superd", "MainPID")["MainPID"]
+        (box.etc / "superd.yaml").write_text("services: {bad: [\n")
+        r = box.run(["systemctl", "reload", "superd"], check=False)
+        assert r.returncode != 0, r
+        refused = r"table of \d\d:\d\d refused: 1 problem, running the previous one"
+        wait_until(lambda: re.search(refused, _show(box, "superd", "StatusText")["StatusText"]),
+                   5, "StatusText naming the refused table")
+        status = box.run(["systemctl", "status", "--no-pager", "superd"], check=False).stdout
+        assert re.search(r"Status: \".*" + refused, status), status
+        _write_table(box, services)  # (superd status reads the control socket from it)
+        r = box.run(["superd", "status"])
+        assert re.search(refused, r.stdout.splitlines()[0]), r.stdout
+        assert echoes(pe), "the running table still serves"
+        assert _show(box, "superd", "MainPID", "ActiveState") == {"MainPID": main_pid,
+                                                                  "ActiveState": "active"}
+        services["echo2"] = echo(p2)
+        _write_table(box, services)
+        box.run(["systemctl", "reload", "superd"])  # returns 0 now
+        assert echoes(p2), "systemctl reload returns once the reload is done"
+        wait_until(lambda: "refused:" not in _show(box, "superd", "StatusText")["StatusText"],
+                   5, "StatusText without the refusal")
+        assert "refused:" not in box.run(["superd", "status"]).stdout.splitlines()[0]
+    finally:
+        box.run(["systemctl", "stop", "superd"], check=False)
+        box.run(["systemctl", "reset-failed", "superd"], check=False)
