@@ -138,6 +138,7 @@ def _unix_in_the_way(path: str) -> str | None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from superd import reader, takeover, upgrade
+    from superd.fdstore import is_stored
     from superd.forkexec import clean_signal_inheritance
     from superd.log import Log
     from superd.server import Server
@@ -170,10 +171,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     log = Log(table.settings)
     log.journal = journal_sender()
     socks = passed_sockets() if state is None else takeover.passed_listeners(state)
+    stored = [s for name in [n for n in socks if is_stored(n)] for s in socks.pop(name)]
     passed = {name: [Listener(None, _protocol_of(s), s, passed=True) for s in group]
               for name, group in socks.items()}
     try:
-        server = Server(table, log, passed)
+        server = Server(table, log, passed, stored)
         if state is None:
             if args.daemon and args.pidfile:
                 server.pidfile = os.path.abspath(args.pidfile)

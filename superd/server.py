@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 import time
 import traceback
@@ -21,6 +22,7 @@ from superd import daemonize, report, takeover, upgrade
 from superd.binding import ListenerPool
 from superd.config import Table, read_table
 from superd.control import ControlSocket, Reply
+from superd.fdstore import FdStore
 from superd.listeners import Listener
 from superd.log import Log
 from superd.loop import READ, Loop, Timer
@@ -41,16 +43,20 @@ MAX_TRACEBACKS = 10  # per minute; beyond, the internal errors are only counted
 
 
 class Server:
-    def __init__(self, table: Table, log: Log, passed: dict[str, list[Listener]] | None = None):
+    def __init__(self, table: Table, log: Log, passed: dict[str, list[Listener]] | None = None,
+                 stored: list[socket.socket] | None = None):
         self.log = log
         self.loop = Loop(self.handle_signal, HANDLED_SIGNALS, self.internal_error)
         self.notifier = Notifier(self.loop.call_later)
+        self.fdstore = FdStore(self.notifier.notify, self.notifier.enabled
+                               and bool(os.environ.get("INVOCATION_ID")))
+        self.stored = stored or []  # our own sockets systemd kept over a restart
         log.attach(self.loop)
         self.errors: list[float] = []
         self.processes = ProcessTable(
             table.settings.max_children, self.released, self.loop.call_later, self.helper_pids)
         self.pools: list[Spawners] = []  # every helper pool: the spawners, the python hosts
-        self.listeners = ListenerPool(passed or {}, log.info, self.unwatch)
+        self.listeners = ListenerPool(passed or {}, log.info, self.unwatch, self.fdstore.forget)
         self.spawners: Spawners | None = None
         s = table.settings
         self.sessions = SessionTable(self.loop, s.max_sessions, s.idle_timeout, s.max_buffered)
@@ -94,8 +100,12 @@ class Server:
                 listener.close()
         open_devnull()
         self.running.log_problems(self.table)
+        self.listeners.inherit(self.stored)
         self.running.apply(self.table)
-        self.serving(f"started: {len(self.services)} services, pid {os.getpid()}")
+        kept = len(self.stored) - len(self.listeners.inherited)
+        self.listeners.drop_inherited()
+        self.serving(f"started: {len(self.services)} services, pid {os.getpid()}"
+                     + (f"; {kept} listening sockets kept by systemd taken up" if kept else ""))
 
     def serving(self, said: str) -> None:
         """The table is in place: the spawners, the control socket, and READY=1."""
@@ -379,6 +389,7 @@ class Server:
 
     def send_status(self) -> None:
         self.status_timer = None
+        self.fdstore.sync(self.listeners.pool.values())  # (after each change, as the counts)
         self.notifier.notify("STATUS=" + report.status_line(self.status()))
 
     def watchdog(self) -> None:

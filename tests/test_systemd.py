@@ -211,6 +211,86 @@ def test_a_refused_reload_fails_and_is_shown_until_a_good_one(superd):
     assert "refused:" not in r.stdout.splitlines()[0], r.stdout
 
 
+def _stored(d: lib.Superd, start: int = 0) -> dict[str, list[int]]:
+    """FDSTORE=1 notifications from `start` on: FDNAME -> the fds that came with it."""
+    d.notify_index()
+    out: dict[str, list[int]] = {}
+    for i, (_, items) in enumerate(d.notifications[start:], start):
+        if "FDSTORE=1" in items:
+            name = next(x[len("FDNAME="):] for x in items if x.startswith("FDNAME="))
+            out.setdefault(name, []).extend(d.notify_fds.get(i, []))
+    return out
+
+
+def test_listeners_go_to_the_fd_store_and_come_back_from_it(new_daemon, tmp_path):
+    pt, pu, p_new = free_port(), free_port(), free_port()
+    services = {"echo": echo(pt), "echo-u": {"listen": f"127.0.0.1:{pu}", "protocol": "udp",
+                                              "internal": "echo"},
+                "echo-x": {"listen": str(tmp_path / "x.sock"), "protocol": "unix",
+                           "internal": "echo"}}
+    d = new_daemon()
+    d.keep_notify_fds = True  # as systemd does: the test holds what superd stores
+    held: list[socket.socket] = []
+    try:
+        # INVOCATION_ID: what systemd sets for a unit; a NOTIFY_SOCKET alone stores nothing.
+        d.start(services, env={"INVOCATION_ID": "0123456789abcdef0123456789abcdef"})
+        wait_until(lambda: len(_stored(d)) == 2, 5, "FDSTORE=1 for the TCP and UDP listeners")
+        stored = _stored(d)
+        assert all(len(fds) == 1 for fds in stored.values()), stored
+        by_port = {}
+        for name, (fd,) in stored.items():
+            sock = socket.socket(fileno=fd)
+            held.append(sock)
+            assert re.fullmatch(r"superd-fdstore-[0-9a-f]{20}", name), name
+            by_port[sock.getsockname()[1]] = (name, sock)
+        assert sorted(by_port) == sorted([pt, pu]), "not the unix one (its file goes at stop)"
+        assert by_port[pt][1].type == socket.SOCK_STREAM
+
+        # A reload that drops a service takes its socket out of the store again.
+        idx = d.notify_index()
+        d.reload({"echo": echo(pt), "echo-x": services["echo-x"]})
+        d.wait_notify(f"FDNAME={by_port[pu][0]}", idx)
+        assert any("FDSTOREREMOVE=1" in items and f"FDNAME={by_port[pu][0]}" in items
+                   for _, items in d.notifications[idx:])
+
+        # superd stops; the stored socket (held here, as systemd holds it) queues a client...
+        assert d.stop() == 0
+        waiting = connect("127.0.0.1", pt, timeout=5)
+        waiting.sendall(b"queued\n")
+        # ...and the next superd, given it back with its name, serves it without binding.
+        d2 = new_daemon()
+        d2.keep_notify_fds = True
+        d2.write_table({"echo": echo(pt), "new": echo(p_new)})
+        d2.start(passed=[by_port[pt], by_port[pu]], wait_ready=False,
+                 env={"INVOCATION_ID": "0123456789abcdef0123456789abcdef"})
+        d2.wait_notify("READY=1")
+        with waiting:
+            assert recv_exact(waiting, 7) == b"queued\n"
+        assert echoes(p_new)
+        d2.wait_log(r"^started: 2 services, pid \d+; 1 listening sockets kept by systemd taken up$")
+        assert not [x for x in d2.lines() if "matches no service" in x], "no .socket unit's"
+        # The stored UDP socket the table no longer has: closed, and out of the store.
+        d2.wait_notify(f"FDNAME={by_port[pu][0]}")
+        assert any("FDSTOREREMOVE=1" in items and f"FDNAME={by_port[pu][0]}" in items
+                   for _, items in d2.notifications)
+        wait_until(lambda: _stored(d2), 5, "the new superd stores its sockets too")
+        assert by_port[pt][0] in _stored(d2) and len(_stored(d2)) == 2
+        for fds in d2.notify_fds.values():
+            for fd in fds:
+                os.close(fd)
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_no_fd_store_without_systemd(superd):
+    # A NOTIFY_SOCKET that is not systemd's (no INVOCATION_ID): nothing is sent with fds.
+    port = free_port()
+    d = superd({"echo": echo(port)})
+    wait_until(lambda: statuses(d), 5, "the first STATUS=")
+    assert not any("FDSTORE=1" in items for _, items in d.notifications)
+
+
 def test_watchdog_pings_when_systemd_asks(superd):
     port = free_port()
     # WATCHDOG_USEC=300 ms: superd must ping at least every 300 ms (it pings every half).
@@ -841,6 +921,94 @@ def test_systemctl_reload_fails_on_a_refused_table_and_status_says_so(container)
         wait_until(lambda: "refused:" not in _show(box, "superd", "StatusText")["StatusText"],
                    5, "StatusText without the refusal")
         assert "refused:" not in box.run(["superd", "status"]).stdout.splitlines()[0]
+    finally:
+        box.run(["systemctl", "stop", "superd"], check=False)
+        box.run(["systemctl", "reset-failed", "superd"], check=False)
+
+
+class ClientLoop:
+    """One client connecting over and over (one at a time, bounded in count and time), each
+    time sending a line and reading it back; counts what it sees."""
+
+    def __init__(self, port: int, limit: float = 60.0):
+        self.port, self.limit = port, limit
+        self.ok, self.latencies = 0, []
+        self.refused: list[str] = []
+        self.other: list[str] = []
+        self.halt = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        end = time.monotonic() + self.limit
+        for i in range(100000):
+            if self.halt.is_set() or time.monotonic() > end:
+                return
+            msg = f"ping-{i}\n".encode()
+            t = time.monotonic()
+            try:
+                got = tcp_exchange("127.0.0.1", self.port, msg, expect_len=len(msg), timeout=20)
+            except ConnectionRefusedError as e:
+                self.refused.append(f"#{i}: {e!r}")
+                continue
+            except (OSError, AssertionError) as e:
+                self.other.append(f"#{i}: {e!r}")
+                continue
+            if got == msg:
+                self.ok += 1
+                self.latencies.append(time.monotonic() - t)
+            else:
+                self.other.append(f"#{i}: got {got!r}")
+
+    def __enter__(self) -> ClientLoop:
+        self.thread.start()
+        wait_until(lambda: self.ok >= 20, 10, "the client loop going")
+        return self
+
+    def more(self, count: int = 20) -> None:
+        after = self.ok
+        wait_until(lambda: self.ok >= after + count, 10, f"{count} served after that")
+
+    def __exit__(self, *exc: object) -> None:
+        self.halt.set()
+        self.thread.join(30)
+
+    def summary(self) -> str:
+        return (f"{self.ok} served, {len(self.refused)} refused, {len(self.other)} other "
+                f"failures, longest wait {max(self.latencies):.3f}s")
+
+
+def test_systemctl_restart_refuses_nothing_through_the_fd_store(container):
+    box = container
+    pe, pu = free_port(), free_port()
+    # No .socket unit: superd binds echo itself and keeps a copy in systemd's fd store.
+    _write_table(box, {"echo": echo(pe), "echo-u": {"listen": f"127.0.0.1:{pu}",
+                                                    "protocol": "udp", "internal": "echo"}})
+    assert re.search(r"^FileDescriptorStoreMax=[1-9]\d*$",
+                     (UNITS / "superd.service").read_text(), re.M)
+    try:
+        box.run(["systemctl", "start", "superd"])
+        wait_until(lambda: _show(box, "superd", "NFileDescriptorStore")[
+            "NFileDescriptorStore"] == "2", 5, "two sockets in systemd's fd store")
+        first = int(_show(box, "superd", "MainPID")["MainPID"])
+        with ClientLoop(pe) as loop:
+            for _ in range(2):
+                box.run(["systemctl", "restart", "superd"])
+                loop.more()
+        print(f"systemctl restart x2 through the fd store: {loop.summary()}")
+        second = int(_show(box, "superd", "MainPID")["MainPID"])
+        assert second not in (0, first)
+        assert not loop.refused, f"refused during a restart: {loop.refused[:5]}"
+        # Sequential client: only a connection the old superd had accepted can be cut.
+        assert len(loop.other) <= 2, loop.other[:5]
+        assert max(loop.latencies) > 0.05, "no connection waited across the restart"
+        assert re.search(r"1 listening sockets kept by systemd taken up|"
+                         r"2 listening sockets kept by systemd taken up",
+                         box.journal("-u", "superd", "-o", "cat"))
+        assert udp_request("127.0.0.1", pu, b"u") == (b"u", ("127.0.0.1", pu))
+        # A full stop empties the store: the ports are closed.
+        box.run(["systemctl", "stop", "superd"])
+        assert _show(box, "superd", "NFileDescriptorStore")["NFileDescriptorStore"] == "0"
+        assert connection_refused("127.0.0.1", pe)
     finally:
         box.run(["systemctl", "stop", "superd"], check=False)
         box.run(["systemctl", "reset-failed", "superd"], check=False)
