@@ -75,6 +75,7 @@ class Server:
         self.last_upgrade_error: str | None = None
         self.pidfile: str | None = None  # --daemon --pidfile: removed at exit
         self.stopping = False
+        self.draining = False  # stop: drain, handlers still running (stopped() waits)
         self.control: ControlSocket | None = None
         self.status_timer: Timer | None = None
 
@@ -158,7 +159,7 @@ class Server:
         self.notifier.notify("READY=1")
 
     def run(self) -> None:
-        while not (self.stopping and not len(self.processes)):
+        while not self.stopped():
             self.loop.run_once()
         for pool in list(self.pools):
             pool.close()
@@ -364,7 +365,9 @@ class Server:
     # -- stop --------------------------------------------------------------------------------
 
     def stop(self) -> None:
-        """SIGTERM/SIGINT: stop listening, SIGTERM handlers, SIGKILL after shutdown_grace."""
+        """SIGTERM/SIGINT: stop listening, then settings.stop says what becomes of the
+        handlers: terminate (SIGTERM, SIGKILL after shutdown_grace), drain (wait for them up
+        to drain_timeout, then terminate) or leave (superd exits, they run on)."""
         if self.stopping:
             return
         self.stopping = True
@@ -372,13 +375,37 @@ class Server:
         self.reader.stop()  # a reload under way ends: its callers hear superd is stopping
         if self.control is not None:
             self.control.close()
-        self.log.info(f"stopping: {len(self.processes)} handlers running")
+        mode = self.table.settings.stop
+        self.log.info(f"stopping: {len(self.processes)} handlers running"
+                      + (f"; {mode} them" if mode != "terminate" else ""))
         self.running.stop()
-        self.sessions.close_all()
         self.listeners.close_all()
+        if mode == "drain" and (len(self.processes) or len(self.sessions)):
+            self.draining = True
+            self.loop.call_later(self.table.settings.drain_timeout, self.terminate)
+        elif mode != "leave":
+            self.terminate()
+
+    def terminate(self) -> None:
+        """End every session and handler: SIGTERM, SIGKILL after shutdown_grace."""
+        if self.draining:
+            self.log.info(f"stopping: drain_timeout reached, {len(self.processes)} handlers "
+                          "and sessions still running; terminating them")
+        self.draining = False
+        self.sessions.close_all()
         self.processes.stop()
         if len(self.processes):
             self.loop.call_later(self.table.settings.shutdown_grace, self.processes.kill_all)
+
+    def stopped(self) -> bool:
+        """Time to exit: nothing left to wait for (settings.stop)."""
+        if not self.stopping:
+            return False
+        if self.table.settings.stop == "leave":
+            return True
+        if self.draining:
+            return not len(self.processes) and not len(self.sessions)
+        return not len(self.processes)
 
     # -- under systemd -----------------------------------------------------------------------
 
