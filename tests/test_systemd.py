@@ -1012,3 +1012,75 @@ def test_systemctl_restart_refuses_nothing_through_the_fd_store(container):
     finally:
         box.run(["systemctl", "stop", "superd"], check=False)
         box.run(["systemctl", "reset-failed", "superd"], check=False)
+
+
+RSYNCD = """\
+use chroot = no
+[data]
+    path = /srv/superd-test/data
+    read only = yes
+"""
+
+
+def test_upgrade_and_restart_keep_an_rsync_transfer_and_refuse_nothing(container, tmp_path):
+    box = container
+    if shutil.which("rsync") is None:
+        pytest.skip("no rsync client on the host (apt-get install rsync)")
+    # rsync inside, from .debs the host's apt fetched (the container's apt has no network).
+    debs = sl.dependency_debs(box.root, ["rsync"])
+    (box.units / "debs").mkdir(exist_ok=True)
+    for deb in debs.glob("*.deb"):
+        shutil.copy(deb, box.units / "debs" / deb.name)
+    sl.install_debs(box, sorted(f"/srv/superd-test/debs/{p.name}" for p in debs.glob("*.deb")))
+    (box.units / "rsyncd.conf").write_text(RSYNCD)
+    (box.units / "data").mkdir(exist_ok=True)
+    big = box.units / "data" / "big"
+    big.write_bytes(os.urandom(6 << 20))
+    pe, pr = free_port(), free_port()
+    # stop: leave with KillMode=process (a drop-in), so that a restart leaves the handler.
+    _write_table(box, {"echo": echo(pe),
+                       "rsync": {"listen": f"127.0.0.1:{pr}",
+                                 "exec": ["/usr/bin/rsync", "--daemon",
+                                          "--config=/srv/superd-test/rsyncd.conf"]}},
+                 stop="leave")
+    box.run(["mkdir", "-p", "/etc/systemd/system/superd.service.d"])
+    box.run(["sh", "-c", "printf '[Service]\\nKillMode=process\\n' "
+             ">/etc/systemd/system/superd.service.d/leave.conf"])
+    box.run(["systemctl", "daemon-reload"])
+    dest = tmp_path / "big"
+    try:
+        box.run(["systemctl", "start", "superd"])
+        pid = _show(box, "superd", "MainPID")["MainPID"]
+        t0 = time.monotonic()
+        # 6 MiB at 1500 KiB/s: about 4 s in flight
+        transfer = subprocess.Popen(["rsync", "--bwlimit=1500", f"rsync://127.0.0.1:{pr}/data/big",
+                                     str(dest)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        with ClientLoop(pe) as loop:
+            wait_until(lambda: re.search(r"^START: rsync pid=\d+",
+                                         box.journal("-u", "superd", "-o", "cat"), re.M),
+                       10, "the rsync handler started")
+            r = box.run(["superd", "upgrade"])
+            assert "upgraded in place" in r.stdout, r
+            assert _show(box, "superd", "MainPID")["MainPID"] == pid
+            assert transfer.poll() is None, "the transfer is still in flight after the upgrade"
+            loop.more()
+            upgraded = (loop.ok, len(loop.refused), len(loop.other))
+            box.run(["systemctl", "restart", "superd"])
+            assert _show(box, "superd", "MainPID")["MainPID"] != pid
+            assert transfer.poll() is None, "the transfer is still in flight after the restart"
+            loop.more()
+            out, err = transfer.communicate(timeout=60)
+            took = time.monotonic() - t0
+        print(f"rsync of 6 MiB across superd upgrade + systemctl restart: exit "
+              f"{transfer.returncode} after {took:.1f}s; client loop: {loop.summary()} "
+              f"(after the upgrade: {upgraded})")
+        assert transfer.returncode == 0, err
+        assert dest.read_bytes() == big.read_bytes(), "the file arrived whole"
+        assert took > 3, f"the transfer took {took:.1f}s: it was not in flight"
+        assert not loop.refused, loop.refused[:5]
+        assert len(loop.other) <= 1, loop.other[:5]
+    finally:
+        box.run(["rm", "-f", "/etc/systemd/system/superd.service.d/leave.conf"], check=False)
+        box.run(["systemctl", "daemon-reload"], check=False)
+        box.run(["systemctl", "stop", "superd"], check=False)
+        box.run(["systemctl", "reset-failed", "superd"], check=False)
