@@ -103,10 +103,21 @@ class Server:
         self.running.log_problems(self.table)
         self.listeners.inherit(self.stored)
         self.running.apply(self.table)
+        self.unserved()
         kept = len(self.stored) - len(self.listeners.inherited)
         self.listeners.drop_inherited()
         self.serving(f"started: {len(self.services)} services, pid {os.getpid()}"
                      + (f"; {kept} listening sockets kept by systemd taken up" if kept else ""))
+
+    def unserved(self) -> None:
+        """Say so when a service that can only be served from systemd's sockets (it has no
+        `listen`) got none: its .socket unit is not running (failed, or not enabled)."""
+        for svc in self.table.enabled:
+            if not svc.listen and svc.name not in self.listeners.passed:
+                self.log.warning(
+                    f"services.{svc.name}: no `listen` and systemd passed no socket named "
+                    f"{svc.name!r} ({svc.where}): it serves nothing; is its .socket unit "
+                    f"(FileDescriptorName={svc.name}) running?", SUPERD_SERVICE=svc.name)
 
     def serving(self, said: str) -> None:
         """The table is in place: the spawners, the control socket, and READY=1."""

@@ -372,6 +372,31 @@ def test_passed_fds_tcp_and_udp_by_name_and_a_stray_one_is_an_error(new_daemon):
             s.close()
 
 
+def test_a_socket_expected_from_systemd_and_missing_is_said_and_status_shows_addresses(
+        new_daemon):
+    pt, pu = free_port(), free_port()
+    tcp, udp = _bound(socket.SOCK_STREAM, pt), _bound(socket.SOCK_DGRAM, pu)
+    try:
+        d = new_daemon()
+        # `lost` has no `listen`: only systemd can give it a socket, and none comes.
+        d.write_table({"echo": {"internal": "echo"},
+                       "echo-u": {"protocol": "udp", "internal": "echo"},
+                       "lost": {"internal": "echo"}})
+        d.start(passed=[("echo", tcp), ("echo-u", udp)], wait_ready=False)
+        d.wait_notify("READY=1")
+        d.wait_log(r"services\.lost: no `listen` and systemd passed no socket named 'lost' "
+                   r"\(.*superd\.yaml:\d+\): it serves nothing; is its \.socket unit "
+                   r"\(FileDescriptorName=lost\) running\?")
+        assert not [x for x in d.lines() if "services.echo" in x]
+        st = lib.status(d)
+        assert st["services"]["echo"]["listen"] == [f"127.0.0.1:{pt}"]
+        assert st["services"]["echo-u"]["listen"] == [f"127.0.0.1:{pu}"]
+        assert echoes(pt)
+    finally:
+        tcp.close()
+        udp.close()
+
+
 # --------------------------------------------------------------------------------------------
 # superd run --daemon --pidfile
 
@@ -1084,3 +1109,34 @@ def test_upgrade_and_restart_keep_an_rsync_transfer_and_refuse_nothing(container
         box.run(["systemctl", "daemon-reload"], check=False)
         box.run(["systemctl", "stop", "superd"], check=False)
         box.run(["systemctl", "reset-failed", "superd"], check=False)
+
+
+def test_readme_socket_unit_steps_work_in_their_order_while_superd_runs(container):
+    box = container
+    ps = free_port()
+    _write_table(box, {"echo": echo(ps)})  # superd binds the port itself at first
+    unit = re.sub(r"^ListenStream=.*$", f"ListenStream=127.0.0.1:{ps}",
+                  (UNITS / "superd.socket").read_text(), flags=re.M)
+    (box.units / "superd.socket").write_text(unit)
+    readme = (UNITS / "README.md").read_text()
+    steps = re.search(r"```sh\ninstall -m 0644 systemd/superd\.socket.*?```", readme, re.S)[0]
+    commands = [line.split("#")[0].strip() for line in steps.splitlines()[1:-1]]
+    assert commands[:5] == ["install -m 0644 systemd/superd.socket /etc/systemd/system/",
+                            "systemctl daemon-reload", "systemctl stop superd",
+                            "systemctl enable --now superd.socket", "systemctl start superd"]
+    try:
+        box.run(["systemctl", "start", "superd"])
+        assert echoes(ps)
+        for cmd in commands[:5]:
+            cmd = cmd.replace("systemd/superd.socket", "/srv/superd-test/superd.socket")
+            box.run(cmd.split())
+        assert _show(box, "superd.socket", "ActiveState")["ActiveState"] == "active"
+        assert echoes(ps)
+        st = json.loads(box.run(["superd", "status", "--json"]).stdout)
+        assert st["services"]["echo"]["listen"] == [f"127.0.0.1:{ps}"], "the passed socket"
+    finally:
+        box.run(["systemctl", "disable", "--now", "superd.socket"], check=False)
+        box.run(["systemctl", "stop", "superd"], check=False)
+        box.run(["rm", "-f", "/etc/systemd/system/superd.socket"], check=False)
+        box.run(["systemctl", "daemon-reload"], check=False)
+        box.run(["systemctl", "reset-failed"], check=False)
