@@ -44,10 +44,12 @@ def _inode(path: str) -> int:
 
 class ListenerPool:
     def __init__(self, passed: dict[str, list[Listener]], info: Callable[[str], None],
-                 unwatch: Callable[[Listener], None]):
+                 unwatch: Callable[[Listener], None],
+                 forget: Callable[[socket.socket], None] = lambda sock: None):
         self.pool: dict[Key, Listener] = {}
         self.passed = passed
         self.info, self.unwatch = info, unwatch
+        self.forget = forget  # told of each socket closed for good (superd/fdstore.py)
         self.inherited: dict[str, socket.socket] = {}  # from the superd before an upgrade
 
     def for_service(self, svc: Service) -> list[Listener]:
@@ -142,13 +144,15 @@ class ListenerPool:
         return mine, failures
 
     def inherit(self, socks: list[socket.socket]) -> None:
-        """Sockets an earlier superd bound (superd upgrade): used where the table has their
-        address, instead of binding again (which would fail: they are still bound)."""
+        """Sockets an earlier superd bound (superd upgrade, or kept in systemd's fd store over
+        a restart): used where the table has their address, instead of binding again (which
+        would fail: they are still bound)."""
         self.inherited = {sock_ident(s): s for s in socks}
 
     def drop_inherited(self) -> None:
         """What the table no longer has: closed, as a reload would."""
         for sock in self.inherited.values():
+            self.forget(sock)
             sock.close()
         self.inherited.clear()
 
@@ -182,6 +186,7 @@ class ListenerPool:
                   if any(_in_the_way({k: lst}, svc, addr) for svc, addr in deferred)}
         for key, listener in closed.items():
             self.unwatch(listener)
+            self.forget(listener.sock)
             listener.close()
             del self.pool[key]
         try:
@@ -207,6 +212,7 @@ class ListenerPool:
         for key, listener in self.pool.items():
             if key not in pool:
                 self.unwatch(listener)
+                self.forget(listener.sock)
                 listener.close()
         self.pool = pool
 

@@ -138,6 +138,7 @@ def _unix_in_the_way(path: str) -> str | None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from superd import reader, takeover, upgrade
+    from superd.fdstore import is_stored
     from superd.forkexec import clean_signal_inheritance
     from superd.log import Log
     from superd.server import Server
@@ -170,10 +171,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     log = Log(table.settings)
     log.journal = journal_sender()
     socks = passed_sockets() if state is None else takeover.passed_listeners(state)
+    stored = [s for name in [n for n in socks if is_stored(n)] for s in socks.pop(name)]
     passed = {name: [Listener(None, _protocol_of(s), s, passed=True) for s in group]
               for name, group in socks.items()}
     try:
-        server = Server(table, log, passed)
+        server = Server(table, log, passed, stored)
         if state is None:
             if args.daemon and args.pidfile:
                 server.pidfile = os.path.abspath(args.pidfile)
@@ -231,9 +233,14 @@ def _control_path(path: str) -> str | None:
     try:
         value = yamlsrc.load(os.path.abspath(path)).value
     except TableError as e:
+        # (A reload of a table that cannot be read must still reach the daemon, so that it
+        # says "refused" in its status and STATUS=: ExecReload= runs this.)
         for problem in e.problems:
             print(problem, file=sys.stderr)
-        return None
+        default = Settings().control_socket
+        print(f"superd: asking the daemon at the default control socket {default}",
+              file=sys.stderr)
+        return default
     settings = value.get("settings") if isinstance(value, dict) else None
     sock = settings.get("control_socket") if isinstance(settings, dict) else None
     return sock if isinstance(sock, str) and sock.startswith("/") else Settings().control_socket

@@ -199,6 +199,8 @@ SETTINGS_KEYS: dict[str, Callable[[Any], Any]] = {
     "control_socket": fields.abs_path,
     "max_children": fields.count,
     "shutdown_grace": fields.seconds,
+    "stop": lambda v: fields._choice(("terminate", "drain", "leave"), v),
+    "drain_timeout": fields.seconds,
     "read_timeout": fields.seconds,
     "max_sessions": lambda v: None if v == "auto" else fields.count(v),
     "idle_timeout": lambda v: 0.0 if v in (0, "never") else fields.seconds(v),

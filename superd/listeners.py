@@ -255,7 +255,25 @@ class Listener:
         self.sock.close()
 
     def __str__(self) -> str:
-        return str(self.address) if self.address else f"fd {self.sock.fileno()}"
+        return str(self.address) if self.address else bound_to(self.sock)
+
+
+def bound_to(sock: socket.socket) -> str:
+    """What a socket (one systemd passed) is bound to, as `listen` writes it: 127.0.0.1:7,
+    [::1]:7, a unix path or @name; `fd N` only if the kernel will not say."""
+    try:
+        name = sock.getsockname()
+    except OSError:
+        return f"fd {sock.fileno()}"
+    if sock.family == socket.AF_INET6:
+        return f"[{name[0]}]:{name[1]}"
+    if isinstance(name, tuple) and sock.family == socket.AF_INET:
+        return f"{name[0]}:{name[1]}"
+    if isinstance(name, bytes):
+        return "@" + name[1:].decode(errors="replace") if name[:1] == b"\0" else name.decode()
+    if isinstance(name, str):
+        return "@" + name[1:] if name[:1] == "\0" else name or f"fd {sock.fileno()}"
+    return str(name)
 
 
 def _inode(path: str) -> int:

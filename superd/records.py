@@ -41,6 +41,8 @@ class Settings:
     control_socket: str = "/run/superd/control.sock"
     max_children: int = 1000
     shutdown_grace: float = 5.0
+    stop: str = "terminate"  # what stopping does with running handlers: terminate, drain, leave
+    drain_timeout: float = 20.0  # stop: drain waits this long for handlers before terminating
     read_timeout: float = 120.0  # seconds reading the table may take (superd/reader.py)
     max_sessions: int | None = None  # internal sessions at once; None: half the fd limit
     idle_timeout: float = 300.0  # an internal session that moves no byte for this long ends

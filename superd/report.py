@@ -14,11 +14,15 @@ def table_summary(state: dict[str, Any]) -> str:
     now = (f"; reading it again since {time.strftime('%H:%M:%S', time.localtime(reading))}"
            if reading is not None else "")
     if state["refused"]:
-        return (f"table of {when} refused: {state['problems']} problems, running the previous "
-                f"one{now}")
+        return (f"table of {when} refused: {_problems(state['problems'])}, running the "
+                f"previous one{now}")
     if state["problems"]:
-        return f"table of {when}: {state['problems']} problems{now}"
+        return f"table of {when}: {_problems(state['problems'])}{now}"
     return f"table of {when}{now}"
+
+
+def _problems(n: int) -> str:
+    return f"{n} problem" if n == 1 else f"{n} problems"
 
 
 def status_line(status: dict[str, Any]) -> str:

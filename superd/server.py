@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 import time
 import traceback
@@ -21,6 +22,7 @@ from superd import daemonize, report, takeover, upgrade
 from superd.binding import ListenerPool
 from superd.config import Table, read_table
 from superd.control import ControlSocket, Reply
+from superd.fdstore import FdStore
 from superd.listeners import Listener
 from superd.log import Log
 from superd.loop import READ, Loop, Timer
@@ -41,16 +43,20 @@ MAX_TRACEBACKS = 10  # per minute; beyond, the internal errors are only counted
 
 
 class Server:
-    def __init__(self, table: Table, log: Log, passed: dict[str, list[Listener]] | None = None):
+    def __init__(self, table: Table, log: Log, passed: dict[str, list[Listener]] | None = None,
+                 stored: list[socket.socket] | None = None):
         self.log = log
         self.loop = Loop(self.handle_signal, HANDLED_SIGNALS, self.internal_error)
         self.notifier = Notifier(self.loop.call_later)
+        self.fdstore = FdStore(self.notifier.notify, self.notifier.enabled
+                               and bool(os.environ.get("INVOCATION_ID")))
+        self.stored = stored or []  # our own sockets systemd kept over a restart
         log.attach(self.loop)
         self.errors: list[float] = []
         self.processes = ProcessTable(
             table.settings.max_children, self.released, self.loop.call_later, self.helper_pids)
         self.pools: list[Spawners] = []  # every helper pool: the spawners, the python hosts
-        self.listeners = ListenerPool(passed or {}, log.info, self.unwatch)
+        self.listeners = ListenerPool(passed or {}, log.info, self.unwatch, self.fdstore.forget)
         self.spawners: Spawners | None = None
         s = table.settings
         self.sessions = SessionTable(self.loop, s.max_sessions, s.idle_timeout, s.max_buffered)
@@ -69,6 +75,7 @@ class Server:
         self.last_upgrade_error: str | None = None
         self.pidfile: str | None = None  # --daemon --pidfile: removed at exit
         self.stopping = False
+        self.draining = False  # stop: drain, handlers still running (stopped() waits)
         self.control: ControlSocket | None = None
         self.status_timer: Timer | None = None
 
@@ -94,8 +101,23 @@ class Server:
                 listener.close()
         open_devnull()
         self.running.log_problems(self.table)
+        self.listeners.inherit(self.stored)
         self.running.apply(self.table)
-        self.serving(f"started: {len(self.services)} services, pid {os.getpid()}")
+        self.unserved()
+        kept = len(self.stored) - len(self.listeners.inherited)
+        self.listeners.drop_inherited()
+        self.serving(f"started: {len(self.services)} services, pid {os.getpid()}"
+                     + (f"; {kept} listening sockets kept by systemd taken up" if kept else ""))
+
+    def unserved(self) -> None:
+        """Say so when a service that can only be served from systemd's sockets (it has no
+        `listen`) got none: its .socket unit is not running (failed, or not enabled)."""
+        for svc in self.table.enabled:
+            if not svc.listen and svc.name not in self.listeners.passed:
+                self.log.warning(
+                    f"services.{svc.name}: no `listen` and systemd passed no socket named "
+                    f"{svc.name!r} ({svc.where}): it serves nothing; is its .socket unit "
+                    f"(FileDescriptorName={svc.name}) running?", SUPERD_SERVICE=svc.name)
 
     def serving(self, said: str) -> None:
         """The table is in place: the spawners, the control socket, and READY=1."""
@@ -148,7 +170,7 @@ class Server:
         self.notifier.notify("READY=1")
 
     def run(self) -> None:
-        while not (self.stopping and not len(self.processes)):
+        while not self.stopped():
             self.loop.run_once()
         for pool in list(self.pools):
             pool.close()
@@ -354,7 +376,9 @@ class Server:
     # -- stop --------------------------------------------------------------------------------
 
     def stop(self) -> None:
-        """SIGTERM/SIGINT: stop listening, SIGTERM handlers, SIGKILL after shutdown_grace."""
+        """SIGTERM/SIGINT: stop listening, then settings.stop says what becomes of the
+        handlers: terminate (SIGTERM, SIGKILL after shutdown_grace), drain (wait for them up
+        to drain_timeout, then terminate) or leave (superd exits, they run on)."""
         if self.stopping:
             return
         self.stopping = True
@@ -362,13 +386,37 @@ class Server:
         self.reader.stop()  # a reload under way ends: its callers hear superd is stopping
         if self.control is not None:
             self.control.close()
-        self.log.info(f"stopping: {len(self.processes)} handlers running")
+        mode = self.table.settings.stop
+        self.log.info(f"stopping: {len(self.processes)} handlers running"
+                      + (f"; {mode} them" if mode != "terminate" else ""))
         self.running.stop()
-        self.sessions.close_all()
         self.listeners.close_all()
+        if mode == "drain" and (len(self.processes) or len(self.sessions)):
+            self.draining = True
+            self.loop.call_later(self.table.settings.drain_timeout, self.terminate)
+        elif mode != "leave":
+            self.terminate()
+
+    def terminate(self) -> None:
+        """End every session and handler: SIGTERM, SIGKILL after shutdown_grace."""
+        if self.draining:
+            self.log.info(f"stopping: drain_timeout reached, {len(self.processes)} handlers "
+                          "and sessions still running; terminating them")
+        self.draining = False
+        self.sessions.close_all()
         self.processes.stop()
         if len(self.processes):
             self.loop.call_later(self.table.settings.shutdown_grace, self.processes.kill_all)
+
+    def stopped(self) -> bool:
+        """Time to exit: nothing left to wait for (settings.stop)."""
+        if not self.stopping:
+            return False
+        if self.table.settings.stop == "leave":
+            return True
+        if self.draining:
+            return not len(self.processes) and not len(self.sessions)
+        return not len(self.processes)
 
     # -- under systemd -----------------------------------------------------------------------
 
@@ -379,6 +427,7 @@ class Server:
 
     def send_status(self) -> None:
         self.status_timer = None
+        self.fdstore.sync(self.listeners.pool.values())  # (after each change, as the counts)
         self.notifier.notify("STATUS=" + report.status_line(self.status()))
 
     def watchdog(self) -> None:

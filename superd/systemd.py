@@ -6,6 +6,7 @@ call these unconditionally.
 
 from __future__ import annotations
 
+import array
 import os
 import socket
 from collections.abc import Callable
@@ -27,6 +28,8 @@ class Notifier:
     does not fit waits in a short queue and is tried again every NOTIFY_RETRY seconds (through
     `later`, the loop's call_later); a newer STATUS= or WATCHDOG= replaces a waiting one.
     Addresses other than unix paths and @abstract names go through libsystemd as before.
+    A notification may carry fds (FDSTORE=1): it holds copies of them until it is sent or
+    dropped, so the caller may close its own at once.
     """
 
     def __init__(self, later: Later) -> None:
@@ -39,21 +42,27 @@ class Notifier:
             self.address = "\0" + address[1:] if address[0] == "@" else address
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             self.sock.setblocking(False)
-        self.pending: list[str] = []
+        self.pending: list[tuple[str, list[int]]] = []
         self.retrying = False
         usec = os.environ.get("WATCHDOG_USEC", "")
         pid = os.environ.get("WATCHDOG_PID", "")
         self.watchdog = (int(usec) / 1e6 if usec.isdigit() and int(usec) > 0
                          and (not pid or pid == str(os.getpid())) else 0.0)
 
-    def notify(self, message: str) -> None:
+    def notify(self, message: str, fds: list[int] | None = None) -> None:
         """Best effort: a notification lost (e.g. out of fds) must never stop the daemon."""
         if not self.enabled:
             return
         if message.startswith(LATEST_ONLY):
             kind = message.split("=", 1)[0] + "="
-            self.pending = [m for m in self.pending if not m.startswith(kind)]
-        self.pending.append(message)
+            self.pending = [m for m in self.pending if not m[0].startswith(kind)]
+        try:
+            copies = [os.dup(fd) for fd in fds or []]
+        except OSError:
+            return
+        self.pending.append((message, copies))
+        for _, dropped in self.pending[:-NOTIFY_QUEUE]:
+            _close(dropped)
         del self.pending[:-NOTIFY_QUEUE]
         if not self.retrying:
             self.flush()
@@ -62,25 +71,26 @@ class Notifier:
         """Send what waits, in order, until the socket is full again."""
         self.retrying = False
         while self.pending:
-            if not self._send(self.pending[0]):
+            if not self._send(*self.pending[0]):
                 if not self.retrying:
                     self.retrying = True
                     self.later(NOTIFY_RETRY, self.flush)
                 return
-            del self.pending[0]
+            _close(self.pending.pop(0)[1])
 
-    def _send(self, message: str) -> bool:
+    def _send(self, message: str, fds: list[int]) -> bool:
         """True when sent or beyond hope (dropped); False when it should wait."""
         if self.sock is None:
             try:
-                daemon.notify(message)
-            except OSError:
+                daemon.notify(message, fds=fds or None)
+            except (OSError, ValueError):
                 pass
             return True
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
         for _ in range(3):
             try:
-                # sendto, not connect: systemd binds its socket anew on daemon-reexec
-                self.sock.sendto(message.encode(), self.address)
+                # sendmsg to, not connect: systemd binds its socket anew on daemon-reexec
+                self.sock.sendmsg([message.encode()], rights, 0, self.address)
                 return True
             except InterruptedError:
                 continue
@@ -89,6 +99,14 @@ class Notifier:
             except OSError:
                 return True  # e.g. ENOENT, ECONNREFUSED: nobody there to tell
         return True
+
+
+def _close(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def passed_sockets() -> dict[str, list[socket.socket]]:

@@ -9,6 +9,7 @@ Every wait in this module is bounded by a deadline (and every loop by a count).
 
 from __future__ import annotations
 
+import array
 import errno
 import fcntl
 import json
@@ -613,6 +614,10 @@ class Superd:
     test_id: str = "?"
     proc: subprocess.Popen | None = None
     notifications: list[tuple[float, list[str]]] = field(default_factory=list)
+    # fds that came with a notification (FDSTORE=1, only sent under INVOCATION_ID), by its
+    # index, when keep_notify_fds is set (the test then closes them); else closed at once
+    notify_fds: dict[int, list[int]] = field(default_factory=dict)
+    keep_notify_fds: bool = False
     log_offset: int = 0
     stopped_rc: int | None = None
     expect_rc: int = 0  # the exit status superd must end with (0 after SIGTERM)
@@ -745,9 +750,17 @@ class Superd:
             return
         for _ in range(10000):
             try:
-                data = self.notify_sock.recv(65536)
+                data, anc, _, _ = self.notify_sock.recvmsg(65536, socket.CMSG_SPACE(4 * 64))
             except (BlockingIOError, InterruptedError):
                 return
+            fds = [fd for level, kind, payload in anc
+                   if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
+                   for fd in array.array("i", payload[:len(payload) - len(payload) % 4])]
+            if fds and self.keep_notify_fds:
+                self.notify_fds[len(self.notifications)] = fds
+            else:
+                for fd in fds:
+                    os.close(fd)
             self.notifications.append((time.monotonic(), data.decode(errors="replace").split("\n")))
 
     def notify_index(self) -> int:

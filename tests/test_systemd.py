@@ -92,7 +92,8 @@ def test_units_pass_systemd_analyze_verify(tmp_path):
 def test_units_say_what_the_issue_asks():
     svc = (UNITS / "superd.service").read_text()
     sock = (UNITS / "superd.socket").read_text()
-    for line in ("Type=notify", "NotifyAccess=main", "ExecReload=/bin/kill -HUP $MAINPID",
+    for line in ("Type=notify", "NotifyAccess=main",
+                 "ExecReload=/usr/local/bin/superd reload -c /etc/superd/superd.yaml",
                  "Restart=on-failure", "KillMode=mixed", "RuntimeDirectory=superd"):
         assert re.search(rf"^{re.escape(line)}$", svc, re.M), line
     for forbidden in ("NoNewPrivileges", "PrivateUsers", "CapabilityBoundingSet",
@@ -168,6 +169,126 @@ def test_reload_is_reloading_then_ready_and_status_counts_connections(superd):
     idx = d.notify_index()
     assert d.stop() == 0
     d.wait_notify("STOPPING=1", idx, 1)
+
+
+def test_a_refused_reload_fails_and_is_shown_until_a_good_one(superd):
+    p1, p2 = free_port(), free_port()
+    services = {"echo": echo(p1)}
+    d = superd(services)
+    # A table that cannot be read at all: `superd reload` (the unit's ExecReload=) waits for
+    # the answer and exits 1; STATUS= and `superd status` say so; the running table serves.
+    # (`superd reload` of a table that cannot be read asks at the default control socket, as
+    # the shipped unit has it: here the daemon's is elsewhere, so the reload is also asked
+    # through a second table that only names it.)
+    idx = d.notify_index()
+    d.write_table(text="services: {broken: {listen: nowhere\n")
+    pointer = d.table.parent / "pointer.yaml"
+    pointer.write_text(yaml.safe_dump({"settings": {"control_socket": str(d.ctl)}}))
+    r = cli("reload", "-c", str(pointer))
+    assert r.returncode == 1 and "reload refused" in r.stderr, r
+    assert "superd: reloaded" not in r.stdout
+    assert d.wait_notify("READY=1", d.wait_notify("RELOADING=1", idx)) > idx
+    r = cli("reload", "-c", str(d.table))
+    assert r.returncode == 1 and "YAML" in r.stderr and "default control socket" in r.stderr
+    refused = r"table of \d\d:\d\d refused: 1 problem, running the previous one"
+    wait_until(lambda: any(re.search(refused, s) for s in statuses(d)), 5,
+               "STATUS= naming the refused table")
+    r = cli("status", "-c", str(pointer))
+    assert r.returncode == 0 and re.search(refused, r.stdout.splitlines()[0]), r.stdout
+    assert echoes(p1)
+    # A good reload: exit 0, and the refusal is no longer shown.
+    services["echo2"] = echo(p2)
+    d.write_table(services)
+    idx = d.notify_index()
+    r = cli("reload", "-c", str(d.table))
+    assert (r.returncode, r.stdout) == (0, "superd: reloaded\n"), r
+    assert echoes(p2)
+    d.wait_notify("READY=1", idx)
+    wait_until(lambda: statuses(d) and statuses(d)[-1].startswith("2 services"), 5,
+               "STATUS= of the new table")
+    assert "refused:" not in statuses(d)[-1]
+    r = cli("status", "-c", str(d.table))
+    assert "refused:" not in r.stdout.splitlines()[0], r.stdout
+
+
+def _stored(d: lib.Superd, start: int = 0) -> dict[str, list[int]]:
+    """FDSTORE=1 notifications from `start` on: FDNAME -> the fds that came with it."""
+    d.notify_index()
+    out: dict[str, list[int]] = {}
+    for i, (_, items) in enumerate(d.notifications[start:], start):
+        if "FDSTORE=1" in items:
+            name = next(x[len("FDNAME="):] for x in items if x.startswith("FDNAME="))
+            out.setdefault(name, []).extend(d.notify_fds.get(i, []))
+    return out
+
+
+def test_listeners_go_to_the_fd_store_and_come_back_from_it(new_daemon, tmp_path):
+    pt, pu, p_new = free_port(), free_port(), free_port()
+    services = {"echo": echo(pt), "echo-u": {"listen": f"127.0.0.1:{pu}", "protocol": "udp",
+                                              "internal": "echo"},
+                "echo-x": {"listen": str(tmp_path / "x.sock"), "protocol": "unix",
+                           "internal": "echo"}}
+    d = new_daemon()
+    d.keep_notify_fds = True  # as systemd does: the test holds what superd stores
+    held: list[socket.socket] = []
+    try:
+        # INVOCATION_ID: what systemd sets for a unit; a NOTIFY_SOCKET alone stores nothing.
+        d.start(services, env={"INVOCATION_ID": "0123456789abcdef0123456789abcdef"})
+        wait_until(lambda: len(_stored(d)) == 2, 5, "FDSTORE=1 for the TCP and UDP listeners")
+        stored = _stored(d)
+        assert all(len(fds) == 1 for fds in stored.values()), stored
+        by_port = {}
+        for name, (fd,) in stored.items():
+            sock = socket.socket(fileno=fd)
+            held.append(sock)
+            assert re.fullmatch(r"superd-fdstore-[0-9a-f]{20}", name), name
+            by_port[sock.getsockname()[1]] = (name, sock)
+        assert sorted(by_port) == sorted([pt, pu]), "not the unix one (its file goes at stop)"
+        assert by_port[pt][1].type == socket.SOCK_STREAM
+
+        # A reload that drops a service takes its socket out of the store again.
+        idx = d.notify_index()
+        d.reload({"echo": echo(pt), "echo-x": services["echo-x"]})
+        d.wait_notify(f"FDNAME={by_port[pu][0]}", idx)
+        assert any("FDSTOREREMOVE=1" in items and f"FDNAME={by_port[pu][0]}" in items
+                   for _, items in d.notifications[idx:])
+
+        # superd stops; the stored socket (held here, as systemd holds it) queues a client...
+        assert d.stop() == 0
+        waiting = connect("127.0.0.1", pt, timeout=5)
+        waiting.sendall(b"queued\n")
+        # ...and the next superd, given it back with its name, serves it without binding.
+        d2 = new_daemon()
+        d2.keep_notify_fds = True
+        d2.write_table({"echo": echo(pt), "new": echo(p_new)})
+        d2.start(passed=[by_port[pt], by_port[pu]], wait_ready=False,
+                 env={"INVOCATION_ID": "0123456789abcdef0123456789abcdef"})
+        d2.wait_notify("READY=1")
+        with waiting:
+            assert recv_exact(waiting, 7) == b"queued\n"
+        assert echoes(p_new)
+        d2.wait_log(r"^started: 2 services, pid \d+; 1 listening sockets kept by systemd taken up$")
+        assert not [x for x in d2.lines() if "matches no service" in x], "no .socket unit's"
+        # The stored UDP socket the table no longer has: closed, and out of the store.
+        d2.wait_notify(f"FDNAME={by_port[pu][0]}")
+        assert any("FDSTOREREMOVE=1" in items and f"FDNAME={by_port[pu][0]}" in items
+                   for _, items in d2.notifications)
+        wait_until(lambda: _stored(d2), 5, "the new superd stores its sockets too")
+        assert by_port[pt][0] in _stored(d2) and len(_stored(d2)) == 2
+        for fds in d2.notify_fds.values():
+            for fd in fds:
+                os.close(fd)
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_no_fd_store_without_systemd(superd):
+    # A NOTIFY_SOCKET that is not systemd's (no INVOCATION_ID): nothing is sent with fds.
+    port = free_port()
+    d = superd({"echo": echo(port)})
+    wait_until(lambda: statuses(d), 5, "the first STATUS=")
+    assert not any("FDSTORE=1" in items for _, items in d.notifications)
 
 
 def test_watchdog_pings_when_systemd_asks(superd):
@@ -249,6 +370,31 @@ def test_passed_fds_tcp_and_udp_by_name_and_a_stray_one_is_an_error(new_daemon):
     finally:
         for s in (tcp, udp, stray):
             s.close()
+
+
+def test_a_socket_expected_from_systemd_and_missing_is_said_and_status_shows_addresses(
+        new_daemon):
+    pt, pu = free_port(), free_port()
+    tcp, udp = _bound(socket.SOCK_STREAM, pt), _bound(socket.SOCK_DGRAM, pu)
+    try:
+        d = new_daemon()
+        # `lost` has no `listen`: only systemd can give it a socket, and none comes.
+        d.write_table({"echo": {"internal": "echo"},
+                       "echo-u": {"protocol": "udp", "internal": "echo"},
+                       "lost": {"internal": "echo"}})
+        d.start(passed=[("echo", tcp), ("echo-u", udp)], wait_ready=False)
+        d.wait_notify("READY=1")
+        d.wait_log(r"services\.lost: no `listen` and systemd passed no socket named 'lost' "
+                   r"\(.*superd\.yaml:\d+\): it serves nothing; is its \.socket unit "
+                   r"\(FileDescriptorName=lost\) running\?")
+        assert not [x for x in d.lines() if "services.echo" in x]
+        st = lib.status(d)
+        assert st["services"]["echo"]["listen"] == [f"127.0.0.1:{pt}"]
+        assert st["services"]["echo-u"]["listen"] == [f"127.0.0.1:{pu}"]
+        assert echoes(pt)
+    finally:
+        tcp.close()
+        udp.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -637,8 +783,8 @@ def test_superd_service_under_real_systemd(container):
             assert box.run(["stat", "-c", "%a %U", "/run/superd/control.sock"]).stdout == \
                 "600 root\n"
 
-            # systemctl reload: ExecReload sends SIGHUP. On systemd 252 it returns once the
-            # signal is sent, so the added service is waited for (bounded).
+            # systemctl reload: ExecReload runs `superd reload`, which returns once the
+            # reload is done (the wait stays, bounded, as a guard).
             services["echo2"] = echo(p2)
             _write_table(box, services)
             box.run(["systemctl", "reload", "superd"])
@@ -769,3 +915,228 @@ def test_socket_unit_restart_refuses_nothing(container):
         box.run(["systemctl", "daemon-reload"], check=False)
     for port in (ps, ph):
         assert connection_refused("127.0.0.1", port)
+
+
+def test_systemctl_reload_fails_on_a_refused_table_and_status_says_so(container):
+    box = container
+    pe, p2 = free_port(), free_port()
+    services = {"echo": echo(pe)}
+    _write_table(box, services)
+    try:
+        box.run(["systemctl", "start", "superd"])
+        main_pid = _show(box, "superd", "MainPID")["MainPID"]
+        (box.etc / "superd.yaml").write_text("services: {bad: [\n")
+        r = box.run(["systemctl", "reload", "superd"], check=False)
+        assert r.returncode != 0, r
+        refused = r"table of \d\d:\d\d refused: 1 problem, running the previous one"
+        wait_until(lambda: re.search(refused, _show(box, "superd", "StatusText")["StatusText"]),
+                   5, "StatusText naming the refused table")
+        status = box.run(["systemctl", "status", "--no-pager", "superd"], check=False).stdout
+        assert re.search(r"Status: \".*" + refused, status), status
+        _write_table(box, services)  # (superd status reads the control socket from it)
+        r = box.run(["superd", "status"])
+        assert re.search(refused, r.stdout.splitlines()[0]), r.stdout
+        assert echoes(pe), "the running table still serves"
+        assert _show(box, "superd", "MainPID", "ActiveState") == {"MainPID": main_pid,
+                                                                  "ActiveState": "active"}
+        services["echo2"] = echo(p2)
+        _write_table(box, services)
+        box.run(["systemctl", "reload", "superd"])  # returns 0 now
+        assert echoes(p2), "systemctl reload returns once the reload is done"
+        wait_until(lambda: "refused:" not in _show(box, "superd", "StatusText")["StatusText"],
+                   5, "StatusText without the refusal")
+        assert "refused:" not in box.run(["superd", "status"]).stdout.splitlines()[0]
+    finally:
+        box.run(["systemctl", "stop", "superd"], check=False)
+        box.run(["systemctl", "reset-failed", "superd"], check=False)
+
+
+class ClientLoop:
+    """One client connecting over and over (one at a time, bounded in count and time), each
+    time sending a line and reading it back; counts what it sees."""
+
+    def __init__(self, port: int, limit: float = 60.0):
+        self.port, self.limit = port, limit
+        self.ok, self.latencies = 0, []
+        self.refused: list[str] = []
+        self.other: list[str] = []
+        self.halt = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        end = time.monotonic() + self.limit
+        for i in range(100000):
+            if self.halt.is_set() or time.monotonic() > end:
+                return
+            msg = f"ping-{i}\n".encode()
+            t = time.monotonic()
+            try:
+                got = tcp_exchange("127.0.0.1", self.port, msg, expect_len=len(msg), timeout=20)
+            except ConnectionRefusedError as e:
+                self.refused.append(f"#{i}: {e!r}")
+                continue
+            except (OSError, AssertionError) as e:
+                self.other.append(f"#{i}: {e!r}")
+                continue
+            if got == msg:
+                self.ok += 1
+                self.latencies.append(time.monotonic() - t)
+            else:
+                self.other.append(f"#{i}: got {got!r}")
+
+    def __enter__(self) -> ClientLoop:
+        self.thread.start()
+        wait_until(lambda: self.ok >= 20, 10, "the client loop going")
+        return self
+
+    def more(self, count: int = 20) -> None:
+        after = self.ok
+        wait_until(lambda: self.ok >= after + count, 10, f"{count} served after that")
+
+    def __exit__(self, *exc: object) -> None:
+        self.halt.set()
+        self.thread.join(30)
+
+    def summary(self) -> str:
+        return (f"{self.ok} served, {len(self.refused)} refused, {len(self.other)} other "
+                f"failures, longest wait {max(self.latencies):.3f}s")
+
+
+def test_systemctl_restart_refuses_nothing_through_the_fd_store(container):
+    box = container
+    pe, pu = free_port(), free_port()
+    # No .socket unit: superd binds echo itself and keeps a copy in systemd's fd store.
+    _write_table(box, {"echo": echo(pe), "echo-u": {"listen": f"127.0.0.1:{pu}",
+                                                    "protocol": "udp", "internal": "echo"}})
+    assert re.search(r"^FileDescriptorStoreMax=[1-9]\d*$",
+                     (UNITS / "superd.service").read_text(), re.M)
+    try:
+        box.run(["systemctl", "start", "superd"])
+        wait_until(lambda: _show(box, "superd", "NFileDescriptorStore")[
+            "NFileDescriptorStore"] == "2", 5, "two sockets in systemd's fd store")
+        first = int(_show(box, "superd", "MainPID")["MainPID"])
+        with ClientLoop(pe) as loop:
+            for _ in range(2):
+                box.run(["systemctl", "restart", "superd"])
+                loop.more()
+        print(f"systemctl restart x2 through the fd store: {loop.summary()}")
+        second = int(_show(box, "superd", "MainPID")["MainPID"])
+        assert second not in (0, first)
+        assert not loop.refused, f"refused during a restart: {loop.refused[:5]}"
+        # Sequential client: only a connection the old superd had accepted can be cut.
+        assert len(loop.other) <= 2, loop.other[:5]
+        assert max(loop.latencies) > 0.05, "no connection waited across the restart"
+        assert re.search(r"1 listening sockets kept by systemd taken up|"
+                         r"2 listening sockets kept by systemd taken up",
+                         box.journal("-u", "superd", "-o", "cat"))
+        assert udp_request("127.0.0.1", pu, b"u") == (b"u", ("127.0.0.1", pu))
+        # A full stop empties the store: the ports are closed.
+        box.run(["systemctl", "stop", "superd"])
+        assert _show(box, "superd", "NFileDescriptorStore")["NFileDescriptorStore"] == "0"
+        assert connection_refused("127.0.0.1", pe)
+    finally:
+        box.run(["systemctl", "stop", "superd"], check=False)
+        box.run(["systemctl", "reset-failed", "superd"], check=False)
+
+
+RSYNCD = """\
+use chroot = no
+[data]
+    path = /srv/superd-test/data
+    read only = yes
+"""
+
+
+def test_upgrade_and_restart_keep_an_rsync_transfer_and_refuse_nothing(container, tmp_path):
+    box = container
+    if shutil.which("rsync") is None:
+        pytest.skip("no rsync client on the host (apt-get install rsync)")
+    # rsync inside, from .debs the host's apt fetched (the container's apt has no network).
+    debs = sl.dependency_debs(box.root, ["rsync"])
+    (box.units / "debs").mkdir(exist_ok=True)
+    for deb in debs.glob("*.deb"):
+        shutil.copy(deb, box.units / "debs" / deb.name)
+    sl.install_debs(box, sorted(f"/srv/superd-test/debs/{p.name}" for p in debs.glob("*.deb")))
+    (box.units / "rsyncd.conf").write_text(RSYNCD)
+    (box.units / "data").mkdir(exist_ok=True)
+    big = box.units / "data" / "big"
+    big.write_bytes(os.urandom(6 << 20))
+    pe, pr = free_port(), free_port()
+    # stop: leave with KillMode=process (a drop-in), so that a restart leaves the handler.
+    _write_table(box, {"echo": echo(pe),
+                       "rsync": {"listen": f"127.0.0.1:{pr}",
+                                 "exec": ["/usr/bin/rsync", "--daemon",
+                                          "--config=/srv/superd-test/rsyncd.conf"]}},
+                 stop="leave")
+    box.run(["mkdir", "-p", "/etc/systemd/system/superd.service.d"])
+    box.run(["sh", "-c", "printf '[Service]\\nKillMode=process\\n' "
+             ">/etc/systemd/system/superd.service.d/leave.conf"])
+    box.run(["systemctl", "daemon-reload"])
+    dest = tmp_path / "big"
+    try:
+        box.run(["systemctl", "start", "superd"])
+        pid = _show(box, "superd", "MainPID")["MainPID"]
+        t0 = time.monotonic()
+        # 6 MiB at 1500 KiB/s: about 4 s in flight
+        transfer = subprocess.Popen(["rsync", "--bwlimit=1500", f"rsync://127.0.0.1:{pr}/data/big",
+                                     str(dest)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        with ClientLoop(pe) as loop:
+            wait_until(lambda: re.search(r"^START: rsync pid=\d+",
+                                         box.journal("-u", "superd", "-o", "cat"), re.M),
+                       10, "the rsync handler started")
+            r = box.run(["superd", "upgrade"])
+            assert "upgraded in place" in r.stdout, r
+            assert _show(box, "superd", "MainPID")["MainPID"] == pid
+            assert transfer.poll() is None, "the transfer is still in flight after the upgrade"
+            loop.more()
+            upgraded = (loop.ok, len(loop.refused), len(loop.other))
+            box.run(["systemctl", "restart", "superd"])
+            assert _show(box, "superd", "MainPID")["MainPID"] != pid
+            assert transfer.poll() is None, "the transfer is still in flight after the restart"
+            loop.more()
+            out, err = transfer.communicate(timeout=60)
+            took = time.monotonic() - t0
+        print(f"rsync of 6 MiB across superd upgrade + systemctl restart: exit "
+              f"{transfer.returncode} after {took:.1f}s; client loop: {loop.summary()} "
+              f"(after the upgrade: {upgraded})")
+        assert transfer.returncode == 0, err
+        assert dest.read_bytes() == big.read_bytes(), "the file arrived whole"
+        assert took > 3, f"the transfer took {took:.1f}s: it was not in flight"
+        assert not loop.refused, loop.refused[:5]
+        assert len(loop.other) <= 1, loop.other[:5]
+    finally:
+        box.run(["rm", "-f", "/etc/systemd/system/superd.service.d/leave.conf"], check=False)
+        box.run(["systemctl", "daemon-reload"], check=False)
+        box.run(["systemctl", "stop", "superd"], check=False)
+        box.run(["systemctl", "reset-failed", "superd"], check=False)
+
+
+def test_readme_socket_unit_steps_work_in_their_order_while_superd_runs(container):
+    box = container
+    ps = free_port()
+    _write_table(box, {"echo": echo(ps)})  # superd binds the port itself at first
+    unit = re.sub(r"^ListenStream=.*$", f"ListenStream=127.0.0.1:{ps}",
+                  (UNITS / "superd.socket").read_text(), flags=re.M)
+    (box.units / "superd.socket").write_text(unit)
+    readme = (UNITS / "README.md").read_text()
+    steps = re.search(r"```sh\ninstall -m 0644 systemd/superd\.socket.*?```", readme, re.S)[0]
+    commands = [line.split("#")[0].strip() for line in steps.splitlines()[1:-1]]
+    assert commands[:5] == ["install -m 0644 systemd/superd.socket /etc/systemd/system/",
+                            "systemctl daemon-reload", "systemctl stop superd",
+                            "systemctl enable --now superd.socket", "systemctl start superd"]
+    try:
+        box.run(["systemctl", "start", "superd"])
+        assert echoes(ps)
+        for cmd in commands[:5]:
+            cmd = cmd.replace("systemd/superd.socket", "/srv/superd-test/superd.socket")
+            box.run(cmd.split())
+        assert _show(box, "superd.socket", "ActiveState")["ActiveState"] == "active"
+        assert echoes(ps)
+        st = json.loads(box.run(["superd", "status", "--json"]).stdout)
+        assert st["services"]["echo"]["listen"] == [f"127.0.0.1:{ps}"], "the passed socket"
+    finally:
+        box.run(["systemctl", "disable", "--now", "superd.socket"], check=False)
+        box.run(["systemctl", "stop", "superd"], check=False)
+        box.run(["rm", "-f", "/etc/systemd/system/superd.socket"], check=False)
+        box.run(["systemctl", "daemon-reload"], check=False)
+        box.run(["systemctl", "reset-failed"], check=False)

@@ -412,8 +412,9 @@ def test_settings_that_load(tmp_path):
 
 @pytest.mark.parametrize("text, where, message", [
     ("colour: blue", "settings.colour",
-     "unknown key (expected syslog, control_socket, max_children, shutdown_grace, "
-     "read_timeout, max_sessions, idle_timeout, max_buffered)"),
+     "unknown key (expected syslog, control_socket, max_children, shutdown_grace, stop, "
+     "drain_timeout, read_timeout, max_sessions, idle_timeout, max_buffered)"),
+    ("stop: later", "settings.stop", "expected one of terminate, drain, leave, not 'later'"),
     ("control_socket: ctl.sock", "settings.control_socket",
      "expected an absolute path, not 'ctl.sock'"),
     ("max_children: 0", "settings.max_children", "0 is out of range (1 to 1000000)"),
