@@ -50,6 +50,24 @@ def bounding(names: list[str]) -> tuple[int, ...]:
     return parse(names)
 
 
+def effective() -> int:
+    """The capabilities this process has now, as a bit mask (CapEff in /proc/self/status);
+    without /proc, root is taken to have them all and anyone else none."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return int(line.split()[1], 16)
+    except (OSError, ValueError, IndexError):
+        pass
+    return (1 << (last_cap() + 1)) - 1 if os.geteuid() == 0 else 0
+
+
+def have(name: str) -> bool:
+    """Whether this process has capability `name` (`cap_setuid`...) in its effective set."""
+    return bool(effective() >> NUMBERS[name] & 1)
+
+
 def last_cap() -> int:
     try:
         with open("/proc/sys/kernel/cap_last_cap") as f:

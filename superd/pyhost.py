@@ -19,6 +19,7 @@ import os
 import pickle
 import socket
 import sys
+from typing import Any
 
 if __name__ == "__main__":  # run as a script: the superd package is the folder above this file
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,6 +27,18 @@ if __name__ == "__main__":  # run as a script: the superd package is the folder 
 from superd import fields, spawn, spawnproto  # noqa: E402
 from superd.config import Service  # noqa: E402
 from superd.spawner import Start, serve  # noqa: E402
+
+# What a python host does not need: how connections get to it, and what is logged of them.
+NOT_FOR_HOST: dict[str, Any] = {
+    "listen": (), "instances": None, "on_limit": "queue", "per_source": None, "rate": None,
+    "only_from": (), "no_access": (), "timeout": None, "backlog": 128, "backoff": None,
+    "log_on_success": frozenset(), "log_on_failure": frozenset(), "line": 0}
+
+
+def host_record(config: Service) -> Service:
+    """The part of a python service's record its host is given: a change elsewhere (limits,
+    access rules, logging) does not replace the host."""
+    return dataclasses.replace(config, function=None, **NOT_FOR_HOST)
 
 
 def load(service: Service) -> spawn.Prepared:
@@ -46,7 +59,7 @@ def python_handler(prep: spawn.Prepared) -> Start:
             started = spawn.spawn(prep, sock, env, prep.service.wait,
                                   fds[1] if request.stderr == "log" else -1)
         except OSError as e:
-            return 0, f"OSError: cannot fork: {e.strerror}"
+            return 0, f"fork: {e.strerror}"
         finally:
             sock.detach()  # the fd is the caller's to close
         if started.exec_pipe >= 0:  # python handlers close it before their function runs

@@ -10,7 +10,6 @@ reload; counters, running handlers and sessions stay with this object.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import pickle
 import signal
@@ -22,7 +21,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from superd import loglines, relay, spawn, stages, stderr
+from superd import execfail, loglines, relay, spawn, stages, stderr
 from superd.accept import (
     FD_ERRORS,
     accept_connections,
@@ -44,6 +43,7 @@ from superd.log import Log
 from superd.loop import READ, Loop
 from superd.pipeline import STARTED, Connection, Pipeline
 from superd.processes import KILL_AFTER_TERM, RUNNING, Handler, ProcessTable
+from superd.pyhost import host_record
 from superd.sessions import SessionTable
 from superd.spawners import PYHOST, Spawners
 from superd.start import Starter
@@ -65,18 +65,6 @@ class Shared:
     udp_ports: frozenset[int] = frozenset()  # of superd's own datagram listeners
 
 
-# What a python host does not need: how connections get to it, and what is logged of them.
-NOT_FOR_HOST: dict[str, Any] = {
-    "listen": (), "instances": None, "on_limit": "queue", "per_source": None, "rate": None,
-    "only_from": (), "no_access": (), "timeout": None, "backlog": 128, "backoff": None,
-    "log_on_success": frozenset(), "log_on_failure": frozenset(), "line": 0}
-
-
-def host_record(config: Service) -> Service:
-    """The part of a python service's record its host is given: a change elsewhere (limits,
-    access rules, logging) does not replace the host."""
-    return dataclasses.replace(config, function=None, **NOT_FOR_HOST)
-
 
 class ServiceRuntime:
     def __init__(self, config: Service, shared: Shared):
@@ -90,6 +78,7 @@ class ServiceRuntime:
         self.refused: Counter[str] = Counter()
         self.fail_lines = FailLines(config.name, self.log.warning, self.loop.call_later)
         self.last_exit: int | None = None
+        self.start_failure: str | None = None  # why the last start failed (until one works)
         self.stderr_lines: stderr.StderrLines | None = None  # `stderr: log`: the reader
         self.retired = False
         self.stopping = False
@@ -334,14 +323,21 @@ class ServiceRuntime:
             return self.starter.handler(self, self.prepared, sock, peer, env, listener,
                                         self.stderr_w, self.host)
         except (OSError, ValueError) as e:
-            self.log.error(f"{self.name}: cannot fork: {getattr(e, 'strerror', None) or e}")
-            self.refuse("exec", peer)
+            fds = e if isinstance(e, OSError) and e.errno in FD_ERRORS else None
+            self.start_failed(f"fork: {getattr(e, 'strerror', None) or e}", peer, fds)
             self.limits.freed(peer)
-            if isinstance(e, OSError) and e.errno in FD_ERRORS:
-                self.limits.out_of_fds(e, "start")  # as accept does: pause, back off
-            else:
-                self.limits.failed()
             return None
+
+    def start_failed(self, failure: str | bytes | None, peer: str,
+                     fds: OSError | None = None) -> None:
+        """Log and show (`superd status`) what failed and why: `exec PATH: STEP: reason`."""
+        self.start_failure = execfail.describe(failure, self.config) or "no reason given"
+        self.log.error(f"{self.name}: cannot start handler: {self.start_failure}")
+        self.refuse("exec", peer)
+        if fds is not None:
+            self.limits.out_of_fds(fds, "start")  # out of fds, as accept: pause, back off
+        else:
+            self.limits.failed()  # a loop no client causes: back off
 
     def handler_running(self, handler: Handler) -> None:
         """The handler has a pid: log START, start its clock."""
@@ -362,10 +358,8 @@ class ServiceRuntime:
 
     def handler_not_started(self, handler: Handler, failure: bytes | str | None) -> None:
         """A spawner could not even fork: the client is closed (by the spawner)."""
-        self.log.error(f"{self.name}: cannot start handler: {spawn.failure_text(failure)}")
-        self.refuse("exec", handler.peer)
+        self.start_failed(failure, handler.peer)
         self.limits.freed(handler.peer)
-        self.limits.failed()
         self._release_if_retired()
 
     def handler_exited(self, handler: Handler, status: int) -> None:
@@ -375,12 +369,10 @@ class ServiceRuntime:
         self.changed()
         self.starter.settle(handler)
         duration = time.monotonic() - handler.started
-        failure = spawn.failure_text(handler.failure)
-        if failure is not None:
-            self.log.error(f"{self.name}: cannot start handler: {failure}")
-            self.refuse("exec", handler.peer)
-            self.limits.failed()
+        if handler.failure:
+            self.start_failed(handler.failure, handler.peer)
         else:
+            self.start_failure = None
             code = os.waitstatus_to_exitcode(status)
             self.last_exit = code
             self.log_exit(handler, code, duration)
@@ -445,6 +437,6 @@ class ServiceRuntime:
         return {"accepted": self.accepted, "active": self.active(),
                 "refused": dict(self.refused), "paused": self.paused,
                 "answered": self.answered, "dropped": self.dropped,
-                "backoff": self.limits.backoff_left(),
+                "backoff": self.limits.backoff_left(), "start_failure": self.start_failure,
                 "last_exit": self.last_exit,
                 "listen": [str(listener) for listener in self.listeners]}

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from superd import caps
 from superd.config import Service
 from superd.fields import RLIMITS
-from superd.forkexec import default_signals, exec_error, fork_exec, read_error
+from superd.forkexec import default_signals, fork_exec, read_error
 from superd.spawnproto import Request
 
 STANDARD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -83,7 +83,8 @@ def prepare(service: Service, environ: dict[str, str]) -> Prepared:
 class Started:
     pid: int
     exec_pipe: int  # read end of the exec-status pipe while the outcome is unknown, else -1
-    failure: str | None = None  # why it could not start, when already known
+    failure: bytes | None = None  # the child's report of why it could not start, when known
+    # (superd/execfail.py puts it in words)
 
 
 def spawn(prep: Prepared, sock: socket.socket, env: dict[str, str], wait: bool,
@@ -138,7 +139,7 @@ def _settle(pid: int, status_r: int) -> Started:
     if data:
         data += read_error(status_r)  # a failure being written: the child is on its way out
     os.close(status_r)
-    return Started(pid, -1, exec_error(data))
+    return Started(pid, -1, data or None)
 
 
 def _fork_exec(prep: Prepared, fd: int, env: dict[str, str], status_r: int, status_w: int,
@@ -159,29 +160,28 @@ def _stderr_fd(mode: str, conn: int, err_w: int) -> int:
     return fd if fd >= 0 else _devnull
 
 
-def exec_outcome(pipe: int) -> str | None:
-    """Why the child could not start, or None if it did (the pipe closed on exec)."""
+def exec_outcome(pipe: int) -> bytes | None:
+    """The child's report of why it could not start, or None if it did (the pipe closed on
+    exec)."""
     try:
         data = read_error(pipe)  # readable: it closed, or the child is reporting a failure
     except OSError:
         data = b""
     os.close(pipe)
-    return exec_error(data)
-
-
-def failure_text(data: bytes | str | None) -> str | None:
-    """A spawner's failure report (raw status bytes or a sentence) as a log sentence."""
-    return exec_error(data) if isinstance(data, bytes) else data
+    return data or None
 
 
 def _child(prep: Prepared, sock: socket.socket, env: dict[str, str], wait: bool,
            status_w: int, err_w: int) -> None:
-    """In the forked child: become the handler or exit 127 saying why not."""
+    """In the forked child: become the handler or exit 127 saying why not: the step that
+    failed and the error (`OSError:<hex errno>:<step>`, as superd/execfail.py reads it)."""
     svc = prep.service
+    step = ["setsid"]  # what is being done (a list: the steps below say as they go)
     try:
         os.setsid()  # its own session and process group, no controlling terminal
         signal.set_wakeup_fd(-1)
         default_signals()
+        step[0] = "fds"
         fd = sock.fileno()
         stderr = _stderr_fd(svc.stderr, fd, err_w)
         wanted = [fd, fd, stderr] + ([fd] if wait else [])
@@ -196,47 +196,61 @@ def _child(prep: Prepared, sock: socket.socket, env: dict[str, str], wait: bool,
             env["LISTEN_FDS"] = "1"
             env["LISTEN_PID"] = str(os.getpid())
             env["LISTEN_FDNAMES"] = svc.name
-        _set_limits_and_identity(svc)
+        _set_limits_and_identity(svc, step)
         if svc.function is not None:
             os.close(status_w)
             _run_python(svc, env, wait)
+        step[0] = "execve"
         os.execve(svc.program, svc.argv, env)
     except BaseException as e:  # report anything, then leave without running parent code
         try:
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-            os.write(status_w, f"{type(e).__name__}: {reason}".encode())
+            report = (f"OSError:{e.errno:x}:{step[0]}" if isinstance(e, OSError) and e.errno
+                      else f"{step[0]}: {type(e).__name__}: {e}")
+            os.write(status_w, report.encode())
         finally:
             os._exit(EXEC_FAILED)
 
 
-def _set_limits_and_identity(svc: Service) -> None:
+def _set_limits_and_identity(svc: Service, step: list[str]) -> None:
     """In the child: limits, root, capabilities and identity, in the order they need (chroot
-    and the bounding set need root's capabilities; ambient ones are raised after setuid)."""
+    and the bounding set need root's capabilities; ambient ones are raised after setuid).
+    `step[0]` names each step before it is taken, for the report of one that fails."""
     for name, soft, hard in svc.rlimits:
+        step[0] = f"rlimit {name}"
         resource.setrlimit(RLIMITS[name], (soft, hard))
     if svc.nice:
+        step[0] = "nice"
         os.setpriority(os.PRIO_PROCESS, 0, svc.nice)
     if svc.umask is not None:
         os.umask(svc.umask)
     if svc.chroot:
+        step[0] = f"chroot {svc.chroot}"
         os.chroot(svc.chroot)
+    step[0] = f"chdir {svc.cwd}"
     os.chdir(svc.cwd)
     if svc.capability_bounding_set is not None:
+        step[0] = "capability_bounding_set"
         caps.drop_bounding(svc.capability_bounding_set)
     if svc.capabilities and svc.uid is not None:
+        step[0] = "capabilities (keep over setuid)"
         caps.keep_over_setuid()
     if os.geteuid() == 0:
+        step[0] = "setgroups"
         if svc.groups is not None:
             os.setgroups(list(svc.groups))
         elif svc.gid is not None:
             os.setgroups([svc.gid])
     if svc.gid is not None:
+        step[0] = "setgid"
         os.setgid(svc.gid)
     if svc.uid is not None:
+        step[0] = "setuid"
         os.setuid(svc.uid)
     if svc.capabilities:
+        step[0] = "capabilities"
         caps.raise_ambient(svc.capabilities)
     if svc.no_new_privileges:
+        step[0] = "no_new_privileges"
         caps.no_new_privileges()
 
 

@@ -159,7 +159,7 @@ def exec_handler(request: spawnproto.Request, fds: list[int],
                         new_session=True, cwd=request.cwd, gid=request.gid,
                         groups=request.groups, uid=request.uid, umask=request.umask)
     except (OSError, ValueError, TypeError) as e:
-        failure = f"OSError: cannot fork: {getattr(e, 'strerror', None) or e}"
+        failure = f"fork: {getattr(e, 'strerror', None) or e}"
     finally:
         os.close(status_w)
     if pid:
