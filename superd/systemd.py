@@ -15,6 +15,7 @@ from systemd import daemon
 
 NOTIFY_RETRY = 0.5  # seconds between tries while systemd does not read its socket
 NOTIFY_QUEUE = 32  # notifications kept meanwhile; the oldest go first beyond
+FD_STORE = ("FDSTORE=", "FDSTOREREMOVE=")  # never dropped from the queue (see Notifier._trim)
 LATEST_ONLY = ("STATUS=", "WATCHDOG=")  # a newer one of these makes an older one moot
 
 Later = Callable[[float, Callable[[], None]], object]
@@ -61,11 +62,25 @@ class Notifier:
         except OSError:
             return
         self.pending.append((message, copies))
-        for _, dropped in self.pending[:-NOTIFY_QUEUE]:
-            _close(dropped)
-        del self.pending[:-NOTIFY_QUEUE]
+        self._trim()
         if not self.retrying:
             self.flush()
+
+    def _trim(self) -> None:
+        """Beyond NOTIFY_QUEUE waiting, the oldest go, but never one of the fd store's: a lost
+        FDSTORE=1 is a socket a restart then binds anew, a lost FDSTOREREMOVE=1 a port systemd
+        holds for good. (There are at most as many of those as listeners, FdStore sees to it.)"""
+        extra = len(self.pending) - NOTIFY_QUEUE
+        if extra <= 0:
+            return
+        kept: list[tuple[str, list[int]]] = []
+        for message, fds in self.pending:
+            if extra > 0 and not message.startswith(FD_STORE):
+                _close(fds)
+                extra -= 1
+            else:
+                kept.append((message, fds))
+        self.pending = kept
 
     def flush(self) -> None:
         """Send what waits, in order, until the socket is full again."""
