@@ -159,3 +159,15 @@ def test_facility_and_level_per_service_reach_the_journal(new_daemon, tmp_path):
         assert (plain["SYSLOG_FACILITY"], plain["PRIORITY"]) == ("3", "6"), plain  # daemon.info
     finally:
         sock.close()
+
+
+def test_a_symlink_planted_at_the_log_file_is_not_followed(superd, tmp_path):
+    port = free_port()
+    victim = tmp_path / "victim"
+    victim.write_text("keep\n")
+    path = tmp_path / "svc.log"
+    path.symlink_to(victim)
+    d = superd({"filed": {"listen": f"127.0.0.1:{port}", "exec": REPLY, "log_file": str(path)}})
+    assert tcp_exchange("127.0.0.1", port, b"") == b"hi\n"
+    d.wait_log(rf"^{re.escape(str(path))}: cannot open: ")
+    assert victim.read_text() == "keep\n", "the symlink's target must not be written"
