@@ -114,3 +114,14 @@ def test_a_rules_variable_wins_over_the_services_env_on_every_spawn_path(superd,
         got = [x for x in lines if x.startswith("RELAYCLIENT=")]
         want = ["RELAYCLIENT=rule"] * (2 if name == "py" else 1)
         assert got == want, f"{name}: {got}"
+
+
+def test_import_tcprules_refuses_split(tmp_path):
+    """--split writes a table layout; tcprules has none to write: refused, nothing written."""
+    source = tmp_path / "tcp.smtp"
+    source.write_text(TCP_RULES)
+    out = tmp_path / "out"
+    r = subprocess.run([PY, "-m", "superd", "import", "tcprules", str(source), "--split",
+                        str(out)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r
+    assert "--split is for tables" in r.stderr and r.stdout == "" and not out.exists()
