@@ -222,10 +222,8 @@ def umask(value: Any, ctx: Context) -> dict[str, Any]:
 
 
 def cwd(value: Any, ctx: Context) -> dict[str, Any]:
-    path = abs_path(value)
-    if not os.path.isdir(path):
-        raise Missing(f"{path}: no such directory")
-    return {"cwd": path}
+    """Checked in whole_service: with chroot it is a path inside the new root."""
+    return {"cwd": abs_path(value)}
 
 
 def env(value: Any, ctx: Context) -> dict[str, Any]:
@@ -396,6 +394,9 @@ def whole_service(values: dict[str, Any], ctx: Context) -> dict[str, Any]:
         out["program"] = program
     elif out.get("program"):
         raise FieldError("program", "program goes with exec")
+    where = out.get("chroot", "") + out["cwd"] if out.get("cwd") else ""
+    if where and not os.path.isdir(where):
+        raise MissingField("cwd", f"{where}: no such directory")
     abstract = bool(out.get("listen")) and all(a.abstract for a in out["listen"])
     misfit = sockopts.misfit(ctx.written, protocol, bool(out.get("wait")), abstract)
     if misfit:

@@ -146,9 +146,9 @@ class Log:
             self.stamp_second = second
             self.stamp = time.strftime("%b %e %H:%M:%S", time.localtime(now))
         if self.journal is not None and self.journal_owns_syslog:
-            # /dev/log is journald: say it once, with the facility and ident of the settings,
-            # which journald hands on to a syslog daemon behind it (rsyslog files by them).
-            self._to_journal(message, severity, fields)
+            # /dev/log is journald: say it once, with the facility (the service's own, or the
+            # settings') and ident, which journald hands on to a syslog daemon behind it.
+            self._to_journal(message, severity, facility, fields)
             return
         if self.sock is None and time.monotonic() >= self.next_try:
             self._connect()
@@ -159,11 +159,12 @@ class Log:
             sys.stderr.write(f"{self.stamp} {self.ident}[{self.pid}]: {message}\n")
             sys.stderr.flush()
         if self.journal is not None:
-            self._to_journal(message, severity, fields)
+            self._to_journal(message, severity, facility, fields)
 
-    def _to_journal(self, message: str, severity: int, fields: dict[str, str]) -> None:
+    def _to_journal(self, message: str, severity: int, facility: int,
+                    fields: dict[str, str]) -> None:
         try:
-            self.journal(message, severity, self.facility, self.ident,  # type: ignore[misc]
+            self.journal(message, severity, facility, self.ident,  # type: ignore[misc]
                          fields)
         except OSError as e:  # out of fds, journald gone: the line goes to stderr instead
             sys.stderr.write(f"{self.ident}[{self.pid}]: {message} (journal: {e.strerror})\n")

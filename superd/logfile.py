@@ -66,7 +66,8 @@ class LogFile:
                     fd, told = -1, False
             if fd < 0:
                 try:
-                    fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                    fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+                                 | os.O_NOFOLLOW,
                                  0o640)
                     size = os.fstat(fd).st_size
                 except OSError as e:

@@ -10,6 +10,7 @@ parallel and `then` runs once everything is in. A connection's facts travel with
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -21,6 +22,7 @@ from superd.resolver import Resolver
 
 __all__ = ["USER", "Key", "addrs", "name_of", "Facts", "Sources", "LookupStage", "facts_of"]
 MAX_ROUNDS = 8  # lookups one stage may chain (a name, then its addresses...)
+GRACE = 0.5  # a stage waits this much past its lookup_timeout: the lookups time out first
 class Sources:
     """Where facts come from; one for the whole daemon."""
 
@@ -35,6 +37,10 @@ class Facts:
         self.missing: set[Key] = set()
         self.then: Callable[[], None] | None = None
         self.ident: ident.Query | None = None
+        self.until = time.monotonic() + ident_timeout  # the stage's end: what lookups have
+
+    def left(self) -> float:
+        return max(self.until - time.monotonic(), 0.0)
 
     def __contains__(self, key: Key) -> bool:
         return key in self.known
@@ -59,18 +65,19 @@ class Facts:
     def _start(self, key: Key) -> None:
         resolver = self.sources.resolver
         if key[0] == "addrs":
-            result = resolver.addresses(key[1], key[2], lambda r: self._got(key, r))
+            result = resolver.addresses(key[1], key[2], lambda r: self._got(key, r),
+                                        self.left())
             if result is not None:
                 self._set(key, result)
         elif key[0] == "name":
-            name = resolver.confirmed_name(key[1], lambda n: self._got(key, n))
+            name = resolver.confirmed_name(key[1], lambda n: self._got(key, n), self.left())
             if name is not False:
                 self._set(key, name)
         elif not isinstance(self.conn.addr, tuple):
             self._set(key, None)  # a unix peer has no ident server
         else:
             self.ident = ident.Query(self.sources.loop, self.conn.sock, self.conn.addr,
-                                     self.ident_timeout, lambda i: self._got(key, i))
+                                     max(self.left(), 0.1), lambda i: self._got(key, i))
 
     def _got(self, key: Key, value: Result | str | ident.Identity | None) -> None:
         if key in self.known:
@@ -109,14 +116,18 @@ class LookupStage:
 
     def __init__(self, sources: Sources, timeout: float):
         self.sources, self.timeout = sources, timeout
-        self.deadline = timeout + 1.0  # an ident question times out by itself first
+        # the lookups a stage starts are given `timeout` (the resolver fits its tries to it,
+        # an ident question times out by itself), so they fail before the stage gives up
+        self.deadline = timeout + GRACE
 
     def decide(self, conn: Connection, facts: Facts) -> str | None | list[Key]:
         """None: go on; a reason: refuse; a list: the facts still missing."""
         raise NotImplementedError
 
     def check(self, conn: Connection, done: Done) -> str | None | Waiting:
-        return self._step(conn, facts_of(conn, self.sources, self.timeout), done)
+        facts = facts_of(conn, self.sources, self.timeout)
+        facts.until = time.monotonic() + self.timeout  # this stage's own time to wait
+        return self._step(conn, facts, done)
 
     def _step(self, conn: Connection, facts: Facts, done: Done) -> str | None | Waiting:
         for _ in range(MAX_ROUNDS):

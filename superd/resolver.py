@@ -37,6 +37,7 @@ MAX_CACHE = 10_000  # answers kept; beyond, the oldest go first
 MAX_INFLIGHT = 512  # questions on their way at once; beyond, a lookup fails at once
 MAX_TTL = 86_400
 HOSTS_TTL = 0  # /etc/hosts answers are not cached: the file is read again when it changes
+MIN_TRY = 0.25  # seconds one datagram is given at least; tries that do not fit are left out
 
 
 Then = Callable[[Result], None]
@@ -46,13 +47,24 @@ def version_of(ip: str) -> int:
     return ipaddress.ip_address(ip).version
 
 
+def plan(names: Names, budget: float | None) -> tuple[list[str], float]:
+    """The servers to ask in turn (each server, `attempts` rounds) and the seconds each try
+    waits: resolv.conf's timeout, shortened so that every try fits in `budget` (the time the
+    asking connection may wait: its lookup_timeout), so that no server is left untried."""
+    servers = [s for _ in range(names.attempts) for s in names.servers]
+    if budget is None or names.timeout * len(servers) <= budget:
+        return servers, names.timeout
+    tries = max(1, min(len(servers), int(budget / MIN_TRY)))
+    return servers[:tries], max(budget / tries, MIN_TRY / 2)
+
+
 class _Query:
     """One question on its way: tries each server in turn, `attempts` rounds."""
 
-    def __init__(self, resolver: Resolver, key: tuple[int, str], names: Names):
+    def __init__(self, resolver: Resolver, key: tuple[int, str], names: Names,
+                 budget: float | None):
         self.resolver, self.key = resolver, key
-        self.plan = [s for _ in range(names.attempts) for s in names.servers]
-        self.timeout = names.timeout
+        self.plan, self.timeout = plan(names, budget)
         self.waiting: list[Then] = []
         self.sock: socket.socket | None = None
         self.timer: Timer | None = None
@@ -133,8 +145,10 @@ class Resolver:
 
     # -- what callers ask --------------------------------------------------------------------
 
-    def addresses(self, name: str, version: int, then: Then) -> Result | None:
-        """The IPv4 (version 4) or IPv6 addresses of `name`; None: `then(result)` later."""
+    def addresses(self, name: str, version: int, then: Then,
+                  budget: float | None = None) -> Result | None:
+        """The IPv4 (version 4) or IPv6 addresses of `name`; None: `then(result)` later, within
+        `budget` seconds when one is given."""
         names = self.system.current()
         for source in names.sources:
             if source == "files":
@@ -142,10 +156,11 @@ class Resolver:
                 if found:
                     return Result(True, found)
             elif source == "dns":
-                return self._ask(dnswire.A if version == 4 else dnswire.AAAA, name, then)
+                return self._ask(dnswire.A if version == 4 else dnswire.AAAA, name, then,
+                                 budget)
         return Result(True)
 
-    def name_of(self, ip: str, then: Then) -> Result | None:
+    def name_of(self, ip: str, then: Then, budget: float | None = None) -> Result | None:
         """The name (PTR) of `ip`, unconfirmed; None: `then(result)` later."""
         names = self.system.current()
         for source in names.sources:
@@ -153,17 +168,19 @@ class Resolver:
                 if ip in names.reverse:
                     return Result(True, (names.reverse[ip],))
             elif source == "dns":
-                return self._ask(dnswire.PTR, dnswire.reverse_name(ip), then)
+                return self._ask(dnswire.PTR, dnswire.reverse_name(ip), then, budget)
         return Result(True)
 
-    def confirmed_name(self, ip: str, then: Callable[[str | None], None]) -> str | None | bool:
+    def confirmed_name(self, ip: str, then: Callable[[str | None], None],
+                       budget: float | None = None) -> str | None | bool:
         """`ip`'s name confirmed by its forward lookup, UNKNOWN, PARANOID, or None when a
-        lookup failed. Returns it, or False: `then(name)` comes later."""
-        return _Confirm(self, _plain(ip), then).run()
+        lookup failed. Returns it, or False: `then(name)` comes later. The PTR question is
+        given half of `budget`, the forward one what is left."""
+        return _Confirm(self, _plain(ip), then, budget).run()
 
     # -- the cache and the queries ------------------------------------------------------------
 
-    def _ask(self, qtype: int, name: str, then: Then) -> Result | None:
+    def _ask(self, qtype: int, name: str, then: Then, budget: float | None) -> Result | None:
         key = (qtype, name.lower().rstrip("."))
         hit = self.cache.get(key)
         if hit is not None:
@@ -178,7 +195,8 @@ class Resolver:
                 dnswire.encode_name(key[1])
             except ValueError:
                 return Result(True)  # not a name DNS can carry: there is no such name
-            query = self.inflight[key] = _Query(self, key, self.system.current())
+            query = self.inflight[key] = _Query(self, key, self.system.current(),
+                                                         budget)
             query.waiting.append(then)
             query.next()
             return None
@@ -213,13 +231,20 @@ class Resolver:
 class _Confirm:
     """PTR, then the forward lookup of the name found: at once or by callback, not both."""
 
-    def __init__(self, resolver: Resolver, ip: str, then: Callable[[str | None], None]):
+    def __init__(self, resolver: Resolver, ip: str, then: Callable[[str | None], None],
+                 budget: float | None):
         self.resolver, self.ip, self.then = resolver, ip, then
+        self.until = None if budget is None else resolver.clock() + budget
         self.waited = False
         self.verdict: str | None | bool = False
 
+    def left(self, share: float = 1.0) -> float | None:
+        if self.until is None:
+            return None
+        return max((self.until - self.resolver.clock()) * share, MIN_TRY)
+
     def run(self) -> str | None | bool:
-        got = self.resolver.name_of(self.ip, self.ptr_done)
+        got = self.resolver.name_of(self.ip, self.ptr_done, self.left(0.5))
         if got is not None:
             self.ptr_done(got)
         self.waited = True
@@ -231,7 +256,7 @@ class _Confirm:
             return
         name = r.values[0].rstrip(".")
         got = self.resolver.addresses(name, version_of(self.ip),
-                                      lambda f: self.forward_done(f, name))
+                                      lambda f: self.forward_done(f, name), self.left())
         if got is not None:
             self.forward_done(got, name)
 

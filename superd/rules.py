@@ -6,7 +6,8 @@ handler's environment (`RELAYCLIENT: ""`, as qmail's tcp.smtp sets it); a `deny`
 refuses (`rules`). No rule matching lets the client in with nothing added. Hosts are written
 as in only_from (addresses, CIDRs, host names, .domains, `all`). A lookup that fails (no answer
 in time) for a `deny` rule refuses (`dns`); for an `allow` rule, that rule is passed over: the
-client never gets variables it was not proved to deserve.
+client never gets variables it was not proved to deserve. A name is looked up only when its
+rule can change the answer: not for the trailing `allow` rules without `env`.
 """
 
 from __future__ import annotations
@@ -22,11 +23,16 @@ class Rules(LookupStage):
     def __init__(self, sources: Sources, timeout: float, rules: tuple[Rule, ...]):
         super().__init__(sources, timeout)
         self.rules = rules
+        # from which rule on the answer is "let in, nothing added" whatever matches: the
+        # names of those rules are never looked up
+        self.moot = len(rules)
+        while self.moot and rules[self.moot - 1].allow and not rules[self.moot - 1].env:
+            self.moot -= 1
 
     def decide(self, conn: Connection, facts: Facts) -> str | None | list[Key]:
         if not isinstance(conn.addr, tuple):
             return None  # a unix peer: no address to match
-        for rule in self.rules:
+        for rule in self.rules[:self.moot]:
             if rule.hosts.net_match(conn.peer) == NO_MATCH:
                 if not rule.hosts.names:
                     continue

@@ -53,10 +53,20 @@ class Prepared:
     env_list: tuple[bytes, ...]
     groups: list[int] | None  # supplementary groups to set (only root may)
 
+    def full_env(self, env: dict[str, str]) -> list[bytes]:
+        """The handler's environment as execve takes it: the service's part, then the
+        connection's `env`, which wins a name both have (handler_env(), superd-handler(7)). A
+        name appears once: with duplicates getenv() takes the first and a shell the last."""
+        base = self.env_list
+        if not env.keys().isdisjoint(self.base_env):
+            base = tuple(b for k, b in zip(self.base_env, base, strict=True)
+                         if k not in env)
+        return [*base, *(f"{k}={v}".encode() for k, v in env.items())]
+
     def request(self, token: int, env: dict[str, str], stderr_fd: int) -> Request:
         """What a spawner needs to start this service's handler with `env` added."""
         svc = self.service
-        env_list = [*self.env_list, *(f"{k}={v}".encode() for k, v in env.items())]
+        env_list = self.full_env(env)
         stderr = svc.stderr if svc.stderr != "log" or stderr_fd >= 0 else "null"
         return Request(token, stderr, self.argv, self.program, env_list, svc.cwd, svc.gid,
                        self.groups, svc.uid, -1 if svc.umask is None else svc.umask)
@@ -146,7 +156,7 @@ def _fork_exec(prep: Prepared, fd: int, env: dict[str, str], status_r: int, stat
                err_w: int) -> int:
     svc = prep.service
     stderr = _stderr_fd(svc.stderr, fd, err_w)
-    env_list = [*prep.env_list, *(f"{k}={v}".encode() for k, v in env.items())]
+    env_list = prep.full_env(env)
     return fork_exec(prep.argv, prep.program, env=env_list, stdin=fd, stdout=fd, stderr=stderr,
                      errpipe=(status_r, status_w), new_session=True, cwd=svc.cwd, gid=svc.gid,
                      groups=prep.groups, uid=svc.uid,

@@ -93,21 +93,36 @@ class NameAccess(LookupStage):
         self.only, self.deny = only, deny
 
     def decide(self, conn: Connection, facts: Facts) -> str | None | list[Key]:
+        """Names are looked up only when they can change what the addresses decide."""
         ip = conn.peer
         if not isinstance(conn.addr, tuple):
             return None if not self.only else "address"  # a unix peer: no address to match
-        if self.deny.net_match(ip) == plain(ip).max_prefixlen:
+        allow_net, deny_net = self.only.net_match(ip), self.deny.net_match(ip)
+        if deny_net == plain(ip).max_prefixlen:
             return "address"  # nothing can be more specific: no lookup needed
+        if (allow_net != NO_MATCH or not self.only) and deny_net < allow_net or (
+                not self.only and deny_net == NO_MATCH):
+            # the addresses let it in: only a no_access name can change that
+            missing = [k for k in self.deny.needs(ip) if k not in facts]
+            if missing:
+                return missing
+            deny, deny_failed = self.deny.match(ip, facts)
+            if deny_failed:
+                return "dns"  # a no_access rule might have matched: refuse, never allow
+            return "address" if deny != NO_MATCH and deny >= allow_net else None
+        if not self.only.names:
+            return "address"  # refused by the addresses, and no only_from name can let it in
+        # an only_from name may let it in; a no_access name would then still win the tie
         missing = [k for k in self.only.needs(ip) + self.deny.needs(ip) if k not in facts]
         if missing:
             return missing
         allow, allow_failed = self.only.match(ip, facts)
         deny, deny_failed = self.deny.match(ip, facts)
         if deny_failed:
-            return "dns"  # a no_access rule might have matched: refuse, never allow
+            return "dns"
         if deny != NO_MATCH and deny >= allow:
             return "address"
-        if allow != NO_MATCH or not self.only:
+        if allow != NO_MATCH:
             return None
         return "dns" if allow_failed else "address"
 

@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import tempfile
 
-from superd_testlib import free_port, tcp_exchange, wait_until
+from superd_testlib import free_port, status, tcp_exchange, wait_until
 
 STATUS = ["/bin/sh", "-c", "cat /proc/self/status /proc/self/limits"]
 LIMITS = {  # key: (soft, hard) and the row of /proc/self/limits
@@ -147,6 +147,30 @@ def test_chroot_of_a_forked_and_an_exec_handler(superd, tmp_path):
         assert os.readlink(f"/proc/{pid}/root") == str(jail)
     assert tcp_exchange("127.0.0.1", p2, b"") == b"yes\n", "the jail's own file"
     wait_until(lambda: d.exits("cat"), 5, "cat's EXIT")
+
+
+def test_cwd_is_inside_the_chroot(superd, tmp_path):
+    """With chroot, cwd names a directory inside the new root: it is checked there at load
+    (one that exists only outside it is missing) and the handler runs in it."""
+    jail = tmp_path / "jail"
+    (jail / "bin").mkdir(parents=True)
+    (jail / "only-in-the-jail").mkdir()
+    (jail / "only-in-the-jail" / "here").write_text("in the jail's cwd\n")
+    cat = shutil.which("cat")
+    shutil.copy(cat, jail / "bin" / "cat")
+    for lib in _libraries(cat):
+        (jail / lib.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(lib, jail / lib.lstrip("/"))
+    outside = tmp_path / "outside-only"
+    outside.mkdir()
+    p1, p2 = free_port(), free_port()
+    d = superd({"cat": {"listen": f"127.0.0.1:{p1}", "exec": ["/bin/cat", "here"],
+                        "chroot": str(jail), "cwd": "/only-in-the-jail"},
+                "off": {"listen": f"127.0.0.1:{p2}", "exec": ["/bin/cat", "here"],
+                        "chroot": str(jail), "cwd": str(outside)}})
+    assert tcp_exchange("127.0.0.1", p1, b"") == b"in the jail's cwd\n"
+    failed = status(d)["failed"]["off"]
+    assert f"{jail}{outside}: no such directory" in failed["reason"], failed
 
 
 def _libraries(program: str) -> list[str]:

@@ -11,10 +11,12 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import subprocess
 import time
 
 import pytest
+from dns_lib import private_etc
 from superd_testlib import free_port, tcp_exchange, wait_until
 
 REPLY = ["/bin/sh", "-c", "echo hi; echo to-stderr >&2"]
@@ -111,3 +113,61 @@ def test_a_log_file_that_blocks_stalls_nothing(superd, tmp_path):
     for _ in range(50):
         assert tcp_exchange("127.0.0.1", port, b"") == b"hi\n"
     assert time.monotonic() - started < 10
+
+
+def _journal_records(sock: socket.socket) -> list[dict[str, str]]:
+    """The records journal.send wrote so far (the native protocol: KEY=value lines)."""
+    out = []
+    while True:
+        try:
+            data = sock.recv(65536)
+        except BlockingIOError:
+            return out
+        out.append(dict(line.split("=", 1) for line in data.decode(errors="replace").split("\n")
+                        if "=" in line))
+
+
+def test_facility_and_level_per_service_reach_the_journal(new_daemon, tmp_path):
+    """Under systemd every line also goes to the journal: a service's syslog_facility and
+    syslog_level must be its SYSLOG_FACILITY and PRIORITY there too, not the settings'. The
+    journal is a socket of the test's, bind-mounted where journald's is (private mounts)."""
+    run = tmp_path / "run-systemd"
+    (run / "journal").mkdir(parents=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(run / "journal" / "socket"))
+    sock.setblocking(False)
+    try:
+        p1, p2 = free_port(), free_port()
+        d = new_daemon()
+        d.prefix = private_etc({"/run/systemd": run})
+        d.start({"mail": {"listen": f"127.0.0.1:{p1}", "exec": REPLY,
+                          "syslog_facility": "local3", "syslog_level": "notice"},
+                 "plain": {"listen": f"127.0.0.1:{p2}", "exec": REPLY}},
+                env={"INVOCATION_ID": "0123456789abcdef0123456789abcdef"},
+                settings={"syslog": {"facility": "daemon"}})
+        assert tcp_exchange("127.0.0.1", p1, b"") == b"hi\n"
+        assert tcp_exchange("127.0.0.1", p2, b"") == b"hi\n"
+        records: list[dict[str, str]] = []
+
+        def started(service: str) -> dict[str, str] | None:
+            records.extend(_journal_records(sock))
+            return next((r for r in records if r.get("SUPERD_SERVICE") == service
+                         and r.get("MESSAGE", "").startswith("START:")), None)
+        wait_until(lambda: started("mail") and started("plain"), 5, "START lines in the journal")
+        mail, plain = started("mail"), started("plain")
+        assert (mail["SYSLOG_FACILITY"], mail["PRIORITY"]) == ("19", "5"), mail  # local3.notice
+        assert (plain["SYSLOG_FACILITY"], plain["PRIORITY"]) == ("3", "6"), plain  # daemon.info
+    finally:
+        sock.close()
+
+
+def test_a_symlink_planted_at_the_log_file_is_not_followed(superd, tmp_path):
+    port = free_port()
+    victim = tmp_path / "victim"
+    victim.write_text("keep\n")
+    path = tmp_path / "svc.log"
+    path.symlink_to(victim)
+    d = superd({"filed": {"listen": f"127.0.0.1:{port}", "exec": REPLY, "log_file": str(path)}})
+    assert tcp_exchange("127.0.0.1", port, b"") == b"hi\n"
+    d.wait_log(rf"^{re.escape(str(path))}: cannot open: ")
+    assert victim.read_text() == "keep\n", "the symlink's target must not be written"

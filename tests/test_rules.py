@@ -90,3 +90,38 @@ def test_bad_rules_name_the_rule(tmp_path):
                      "      - {allow: [10.0.0.0/8]}\n      - {deny: [10.9.0.0/16], env: {A: 1}}\n")
     assert r.returncode == 1
     assert f"{table}:6: services.s.rules: rule 2: env goes with allow" in r.stdout
+
+
+def test_a_rules_variable_wins_over_the_services_env_on_every_spawn_path(superd, tmp_path):
+    """The service's env says RELAYCLIENT=service, the rule that lets the client in says
+    RELAYCLIENT=rule: every handler sees the name once, with the rule's value, whether it is
+    exec'd at once (vfork), forked first (nice) or a python handler."""
+    handler = tmp_path / "show.py"
+    handler.write_text("import os\ndef handle(sock, env):\n"
+                       "    sock.sendall(('RELAYCLIENT=' + os.environ['RELAYCLIENT'] + '\\n'"
+                       " + 'RELAYCLIENT=' + env['RELAYCLIENT'] + '\\n').encode())\n")
+    common = {"env": {"RELAYCLIENT": "service"},
+              "rules": [{"allow": "127.0.0.1", "env": {"RELAYCLIENT": "rule"}}]}
+    ports = {name: free_port() for name in ("fast", "forked", "py")}
+    superd({"fast": {"listen": f"127.0.0.1:{ports['fast']}", "exec": ["/usr/bin/env"],
+                     **common},
+            "forked": {"listen": f"127.0.0.1:{ports['forked']}", "exec": ["/usr/bin/env"],
+                       "nice": 1, **common},
+            "py": {"listen": f"127.0.0.1:{ports['py']}", "python": f"{handler}:handle",
+                   **common}})
+    for name, port in ports.items():
+        lines = served("127.0.0.1", port).decode().splitlines()
+        got = [x for x in lines if x.startswith("RELAYCLIENT=")]
+        want = ["RELAYCLIENT=rule"] * (2 if name == "py" else 1)
+        assert got == want, f"{name}: {got}"
+
+
+def test_import_tcprules_refuses_split(tmp_path):
+    """--split writes a table layout; tcprules has none to write: refused, nothing written."""
+    source = tmp_path / "tcp.smtp"
+    source.write_text(TCP_RULES)
+    out = tmp_path / "out"
+    r = subprocess.run([PY, "-m", "superd", "import", "tcprules", str(source), "--split",
+                        str(out)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r
+    assert "--split is for tables" in r.stderr and r.stdout == "" and not out.exists()

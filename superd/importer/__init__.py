@@ -45,8 +45,10 @@ def run_import(kind: str, files: list[str], check: bool = False, flavour: str | 
     """Print the translated table on stdout (or write it into `split_dir` as a conf.d/
     layout); report on stderr; 0 when the result loads."""
     if kind == "tcprules":  # rules for a service's `rules:`, not a table
-        if len(files) != 1:
-            print("superd import tcprules: give one file", file=sys.stderr)
+        if len(files) != 1 or split_dir is not None:
+            print("superd import tcprules: give one file" if split_dir is None else
+                  "superd import tcprules: --split is for tables; the rules go to stdout",
+                  file=sys.stderr)
             return 2
         return tcprules.run_import(files[0], check)
     try:

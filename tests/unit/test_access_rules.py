@@ -133,3 +133,56 @@ def test_the_access_stage_refuses_with_address():
     finally:
         a.close()
         b.close()
+
+
+class Nothing:
+    """No fact is known: what a stage asks for is what it would look up."""
+
+    def __contains__(self, key) -> bool:
+        return False
+
+    def __getitem__(self, key):
+        raise KeyError(key)
+
+
+def name_access(only: list[str], deny: list[str]) -> stages.NameAccess:
+    from superd.hostpatterns import HostSet, split
+    return stages.NameAccess(None, 5.0, HostSet(*split(only)), HostSet(*split(deny)))
+
+
+@pytest.mark.parametrize("only,deny,peer,answer", [
+    # the peer's own address is allowed: an only_from name cannot add anything
+    (["127.0.0.1", "a.test"], [], "127.0.0.1", None),
+    # refused by the addresses and no only_from name: a no_access name cannot let it in
+    (["10.0.0.0/8"], [".evil.test"], "127.0.0.9", "address"),
+    (["10.0.0.0/8"], ["b.test"], "127.0.0.9", "address"),
+    # a /32 no_access beats everything
+    (["a.test"], ["127.0.0.9/32", "b.test"], "127.0.0.9", "address"),
+])
+def test_names_are_not_looked_up_when_the_addresses_decide(only, deny, peer, answer):
+    conn = Connection(None, (peer, 1), peer, None)
+    assert name_access(only, deny).decide(conn, Nothing()) == answer
+
+
+def test_only_the_names_that_can_change_the_answer_are_looked_up():
+    from superd.facts import addrs, name_of
+    conn = Connection(None, ("127.0.0.1", 1), "127.0.0.1", None)
+    # let in by 127/8: only the no_access name is asked, not the only_from one
+    got = name_access(["127.0.0.0/8", "a.test"], ["b.test"]).decide(conn, Nothing())
+    assert got == [addrs("b.test", 4)]
+    # refused by the addresses: the only_from name (and the no_access one that could tie)
+    got = name_access(["a.test"], [".evil.test"]).decide(conn, Nothing())
+    assert got == [addrs("a.test", 4), name_of("127.0.0.1")]
+
+
+def test_rules_look_up_no_name_whose_rule_cannot_change_the_answer():
+    from superd.facts import addrs
+    from superd.hostpatterns import HostSet, Rule, split
+    from superd.rules import Rules
+    conn = Connection(None, ("127.0.0.1", 1), "127.0.0.1", None)
+    plain_allow = Rule(True, HostSet(*split(["a.test"])))
+    # the last rules let in with nothing added: whether a.test matches changes nothing
+    assert Rules(None, 5.0, (plain_allow,)).decide(conn, Nothing()) is None
+    denying = Rule(False, HostSet(*split(["b.test"])))
+    assert Rules(None, 5.0, (plain_allow, denying)).decide(conn, Nothing()) == \
+        [addrs("a.test", 4)], "a later deny rule: a.test decides whether it is reached"
