@@ -257,6 +257,24 @@ def _one(options: tuple[str, ...] | list[str], value: Any) -> str:
     return str(value)
 
 
+def _userid(out: dict[str, Any], ctx: Context, fits: bool) -> None:
+    """`userid` in a log list asks ident for the client's user name: only a tcp service with
+    wait: false has one to ask. From defaults it is left out where it does not fit; a
+    service that writes it itself where it cannot work, or with `ident: false`, is refused."""
+    for key in ("log_on_success", "log_on_failure"):
+        fields = out.get(key, frozenset())
+        if "userid" not in fields:
+            continue
+        if key not in ctx.written and (not fits or out.get("ident") == ""):
+            out[key] = fields - {"userid"}
+        elif not fits:
+            raise FieldError(key, "userid needs a tcp service with wait: false")
+        elif out.get("ident") == "":
+            raise FieldError(key, "userid needs ident, which this service turns off")
+        else:
+            out.setdefault("ident", "on")
+
+
 def whole(values: dict[str, Any], ctx: Context) -> dict[str, Any]:
     """Cross-key checks of these keys; returns adjusted values (FieldError blames a key)."""
     out = dict(values)
@@ -265,9 +283,14 @@ def whole(values: dict[str, Any], ctx: Context) -> dict[str, Any]:
     for key in ACCEPTED_ONLY + ("only_from_names", "no_access_names"):
         blame = key.replace("_names", "")
         if out.get(key) and not accepted:
-            if blame not in ctx.written:
+            if blame not in ctx.written and not key.endswith("_names"):
                 out.pop(key)  # from defaults: it applies to the services it fits
                 continue
+            if blame not in ctx.written:  # dropping names would let their hosts in: refuse
+                raise FieldError(blame, f"{blame} from defaults names hosts, which superd looks "
+                                        "up only for connections it accepts itself (tcp or unix "
+                                        "with wait: false); give this service its own "
+                                        f"{blame} of addresses")
             raise FieldError(blame, f"{blame} applies to connections superd accepts itself: "
                                     "protocol tcp or unix with wait: false")
     for key in IP_ONLY:
@@ -276,12 +299,7 @@ def whole(values: dict[str, Any], ctx: Context) -> dict[str, Any]:
                 out.pop(key)
                 continue
             raise FieldError(key, f"{key} needs protocol tcp (a unix peer has no address)")
-    if "userid" in out.get("log_on_success", frozenset()) | out.get("log_on_failure",
-                                                                     frozenset()):
-        if accepted and protocol == "tcp":
-            out.setdefault("ident", "on")
-        else:
-            raise FieldError("log_on_success", "userid needs a tcp service with wait: false")
+    _userid(out, ctx, accepted and protocol == "tcp")
     if out.get("sensor") or out.get("redirect"):
         for key in ("user", "uid", "gid", "groups", "group_gid", "stderr"):
             out.pop(key, None)

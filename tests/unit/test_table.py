@@ -645,3 +645,41 @@ def test_a_problem_with_a_whole_service_names_the_line_of_its_name(tmp_path, ent
 def test_a_services_place_is_the_line_of_its_name(tmp_path):
     (svc,) = table(tmp_path, "services:\n  s:\n    listen: 7\n    internal: echo\n").services
     assert svc.where == f"{tmp_path}/superd.yaml:2"
+
+
+def test_host_names_from_defaults_are_never_dropped_where_they_cannot_be_looked_up(tmp_path):
+    """Dropping a name from a UDP or wait service's no_access (or a names-only only_from) would
+    let the hosts in that the table keeps out: that service is refused instead."""
+    for key in ("no_access", "only_from"):
+        got = problems(tmp_path, f"""\
+            defaults:
+              {key}: [127.0.0.9, bad.example.com]
+            services:
+              t: {{listen: "127.0.0.1:7", internal: echo}}
+              u: {{listen: "127.0.0.1:7", protocol: udp, internal: echo}}
+            """)
+        assert len(got) == 1 and "services.u: " + key in got[0] \
+            and "from defaults names hosts" in got[0], got
+
+
+def test_userid_from_defaults_applies_where_ident_can_ask(tmp_path):
+    t = table(tmp_path, """\
+        defaults:
+          log_on_success: [pid, userid]
+        services:
+          t: {listen: "127.0.0.1:7", exec: [/bin/cat]}
+          u: {listen: "127.0.0.1:7", protocol: udp, internal: echo}
+          w: {listen: "127.0.0.1:8", wait: true, exec: [/bin/cat]}
+          quiet: {listen: "127.0.0.1:9", exec: [/bin/cat], ident: false}
+        """)
+    by = {s.name: s for s in t.services}
+    assert "userid" in by["t"].log_on_success and by["t"].ident == "on"
+    for name in ("u", "w", "quiet"):
+        assert "userid" not in by[name].log_on_success and "pid" in by[name].log_on_success
+    got = problems(tmp_path, """\
+        services:
+          quiet: {listen: "127.0.0.1:9", exec: [/bin/cat], ident: false,
+                  log_on_success: [userid]}
+        """)
+    assert len(got) == 1 and "services.quiet.log_on_success" in got[0] \
+        and "userid needs ident" in got[0], got
