@@ -81,6 +81,7 @@ class Session:
     """One internal stream connection; subclasses say what to do when readable or writable."""
 
     events = READ
+    fds = 1  # sockets it holds, as settings.max_sessions counts them (a relay holds two)
 
     def __init__(self, loop: Loop, sock: socket.socket, done: Callable[[Session], None],
                  peer: str, budget: Budget):

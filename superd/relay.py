@@ -166,6 +166,8 @@ PIPES = Pipes()
 class Relay(Session):
     """One redirected connection (see the module docstring)."""
 
+    fds = 2  # the client's socket and the upstream one; pipes only while fds are free (Pipes)
+
     def __init__(self, loop: Loop, sock: socket.socket, done: Callable[[Session], None],
                  peer: str, budget: Budget, *, target: tuple[int, str | tuple[str, int]],
                  service: str, warn: Callable[[str], None]):

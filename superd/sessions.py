@@ -44,6 +44,7 @@ class SessionTable:
         self.budget = Budget(max_buffered, lambda: loop.when_idle(self._release))
         self.owners: dict[Session, Owner] = {}
         self.per_owner: Counter[Owner] = Counter()
+        self.fds = 0  # the sockets the sessions hold: what max_sessions caps
         self.sweep_timer: Timer | None = None
         self.configure(max_sessions, idle_timeout, max_buffered)
 
@@ -57,7 +58,9 @@ class SessionTable:
         return len(self.owners)
 
     def full(self) -> bool:
-        return len(self.owners) >= self.max_sessions
+        """No room for another session: max_sessions counts sockets, so a relay, which holds
+        two, counts twice (one session of any kind may still start at max_sessions - 1)."""
+        return self.fds >= self.max_sessions
 
     def count(self, owner: Owner) -> int:
         return self.per_owner[owner]
@@ -67,6 +70,7 @@ class SessionTable:
         session = builtin.stream(self.loop, sock, self._done, peer, self.budget)
         self.owners[session] = owner
         self.per_owner[owner] += 1
+        self.fds += session.fds
         session.start()
         if not session.closed and self.sweep_timer is None and self.idle_timeout:
             self.sweep_timer = self.loop.call_later(self.idle_timeout / SWEEPS, self._sweep)
@@ -76,6 +80,7 @@ class SessionTable:
         owner = self.owners.pop(session, None)
         if owner is None:
             return
+        self.fds -= session.fds
         left = self.per_owner[owner] - 1
         if left > 0:
             self.per_owner[owner] = left
@@ -133,6 +138,7 @@ class SessionTable:
         session.started = time.monotonic() - item["age"]
         self.owners[session] = owner
         self.per_owner[owner] += 1
+        self.fds += session.fds
         session.resume(item["extra"])
         if self.sweep_timer is None and self.idle_timeout:
             self.sweep_timer = self.loop.call_later(self.idle_timeout / SWEEPS, self._sweep)

@@ -107,3 +107,27 @@ def test_ipv6_and_unix_targets_and_many_at_once(superd, tmp_path):
 def _rss(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def test_a_relay_counts_its_two_sockets_toward_max_sessions(superd):
+    """max_sessions caps the sockets sessions hold, so that idle clients leave fds for the
+    rest; a relay holds two, so max_sessions: 4 holds two relays, not four."""
+    front, back = free_port(), free_port()
+    d = superd({
+        "front": {"listen": f"127.0.0.1:{front}", "redirect": f"127.0.0.1:{back}"},
+        "back": {"listen": f"127.0.0.1:{back}", "exec": ["/bin/cat"]},
+    }, settings={"max_sessions": 4})
+    held = []
+    for i in range(2):
+        s = connect("127.0.0.1", front)
+        held.append(s)
+        s.sendall(b"%d\n" % i)
+        assert s.recv(10) == b"%d\n" % i
+    with connect("127.0.0.1", front) as third:
+        try:
+            assert third.recv(10) == b""
+        except ConnectionResetError:
+            pass
+    d.wait_log(r"^FAIL: front session_limit from=127\.0\.0\.1$")
+    for s in held:
+        s.close()
