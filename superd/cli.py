@@ -309,6 +309,8 @@ def _print_status(answer: dict[str, Any], failed: dict[str, Any]) -> None:
         print(f"{name:<20} {s['accepted']:>9} {s['active']:>7} {refused:>8} {last:>9}  {paused}")
         if s.get("kept"):
             print(f"{'':<20} runs its previous definition: {s['kept']}")
+        if s.get("socket_activation"):
+            print(f"{'':<20} {s['socket_activation']}")
         if s.get("start_failure"):
             print(f"{'':<20} cannot start its handler: {s['start_failure']}")
     for name, f in sorted(failed.items()):

@@ -18,7 +18,7 @@ import traceback
 from functools import partial
 from typing import Any
 
-from superd import daemonize, report, takeover, upgrade
+from superd import activation, daemonize, report, takeover, upgrade
 from superd.binding import ListenerPool
 from superd.config import Table, read_table
 from superd.control import ControlSocket, Reply
@@ -75,6 +75,7 @@ class Server:
         self.last_upgrade_error: str | None = None
         self.pidfile: str | None = None  # --daemon --pidfile: removed at exit
         self.stopping = False
+        self.unpassed: dict[str, str] = {}  # services systemd passed no socket (activation.py)
         self.draining = False  # stop: drain, handlers still running (stopped() waits)
         self.control: ControlSocket | None = None
         self.status_timer: Timer | None = None
@@ -110,14 +111,11 @@ class Server:
                      + (f"; {kept} listening sockets kept by systemd taken up" if kept else ""))
 
     def unserved(self) -> None:
-        """Say so when a service that can only be served from systemd's sockets (it has no
-        `listen`) got none: its .socket unit is not running (failed, or not enabled)."""
-        for svc in self.table.enabled:
-            if not svc.listen and svc.name not in self.listeners.passed:
-                self.log.warning(
-                    f"services.{svc.name}: no `listen` and systemd passed no socket named "
-                    f"{svc.name!r} ({svc.where}): it serves nothing; is its .socket unit "
-                    f"(FileDescriptorName={svc.name}) running?", SUPERD_SERVICE=svc.name)
+        """Say so when systemd passed no socket to a service that expected one (activation)."""
+        memory = activation.memory(self.table.settings.control_socket)
+        self.unpassed = activation.unserved(self.table.enabled, self.listeners.passed, memory)
+        for name, said in self.unpassed.items():
+            self.log.warning(f"services.{name}: {said}", SUPERD_SERVICE=name)
 
     def serving(self, said: str) -> None:
         """The table is in place: the spawners, the control socket, and READY=1."""
@@ -126,6 +124,8 @@ class Server:
         except OSError as e:
             self.log.error(f"{e}; exec handlers are started by the loop itself")
         self.open_control(self.table.settings.control_socket)
+        activation.remember(activation.memory(self.table.settings.control_socket),
+                            self.listeners.passed)
         self.log.info(said)
         self.notifier.notify("READY=1")
         self.send_status()
@@ -363,6 +363,9 @@ class Server:
         for name, reason in self.running.kept.items():
             if name in services:
                 services[name]["kept"] = reason
+        for name, said in self.unpassed.items():
+            if name in services:
+                services[name]["socket_activation"] = said
         state = self.running.state
         return {"services": services, "failed": self.retries.status(),
                 "problems": [str(p) for p in self.table.problems],

@@ -397,6 +397,29 @@ def test_a_socket_expected_from_systemd_and_missing_is_said_and_status_shows_add
         udp.close()
 
 
+def test_a_socket_systemd_passed_last_time_and_not_now_is_said(new_daemon):
+    """A .socket unit that failed or was stopped: the service still answers on its own
+    `listen`, but a restart no longer keeps its clients waiting; superd says so (log and
+    status), having remembered which services systemd passed sockets to."""
+    passed_port, own = free_port(), free_port()
+    tcp = _bound(socket.SOCK_STREAM, passed_port)
+    try:
+        d = new_daemon()
+        d.write_table({"echo": echo(own)})
+        d.start(passed=[("echo", tcp)], wait_ready=False)
+        d.wait_notify("READY=1")
+        assert echoes(passed_port)
+        assert "socket_activation" not in lib.status(d)["services"]["echo"]
+        assert d.stop() == 0
+    finally:
+        tcp.close()
+    d.start()  # as after `systemctl restart superd` with superd.socket failed
+    d.wait_log(r"services\.echo: systemd passed its socket at the last start and none now: "
+               r"serving its own `listen` instead.*FileDescriptorName=echo")
+    assert "systemd passed its socket" in lib.status(d)["services"]["echo"]["socket_activation"]
+    assert echoes(own)
+
+
 # --------------------------------------------------------------------------------------------
 # superd run --daemon --pidfile
 
