@@ -130,7 +130,10 @@ def _failed(doc: Document, name: str, defaults: dict[str, Any], main: Document,
 def _load_again(doc: Document, name: str, defaults: dict[str, Any],
                 main: Document) -> Service | list[Problem]:
     svc, again = _service(doc, name, defaults, main)
-    return svc if svc is not None else again
+    if svc is None:
+        return again
+    refused = _check_identities([(svc, doc)])  # its user may have appeared meanwhile
+    return [p for _, p in refused] if refused else svc
 
 
 def _with_sensors(services: list[tuple[Service, Document]]) -> list[tuple[Service, Document]]:

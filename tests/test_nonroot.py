@@ -10,6 +10,7 @@ binds while `user:` services are still refused.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import shutil
 import socket
@@ -19,6 +20,8 @@ import pytest
 import reliability_lib as rl
 import superd_testlib as lib
 from superd_testlib import PY, REPO, daemon_env, free_port, tcp_exchange
+
+from superd import config
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"),
                                 reason="needs root and setpriv")
@@ -41,10 +44,10 @@ def daemon(request, prefix: list[str]) -> lib.Superd:
     return d
 
 
-def start(d: lib.Superd, services: dict) -> None:
+def start(d: lib.Superd, services: dict, **kw) -> None:
     old = os.umask(0)  # the notify socket, bound here by root, must take nobody's READY=1
     try:
-        d.start(services, settings={"control_socket": str(d.ctl)}, wait_ready=False)
+        d.start(services, settings={"control_socket": str(d.ctl)}, wait_ready=False, **kw)
     finally:
         os.umask(old)
     d.wait_notify("READY=1", 0, 15)
@@ -106,3 +109,44 @@ def test_without_it_a_privileged_port_names_the_capability(request):
     assert echoes(pe)
     reason = d.control()["failed"]["low"]["reason"]
     assert "cannot bind" in reason and "lacks cap_net_bind_service" in reason, reason
+    r = subprocess.run([*AS_NOBODY, PY, "-m", "superd", "check", "--bind", "-c", str(d.table)],
+                       cwd=REPO, env=daemon_env(), capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "lacks cap_net_bind_service" in r.stdout, r.stdout + r.stderr
+
+
+@needs_root
+def test_a_privileged_port_systemd_passes_needs_no_capability(request):
+    """The socket-activation route: root (systemd) binds the port, superd as nobody serves."""
+    d = daemon(request, AS_NOBODY)
+    low = lib.free_low_udp_port()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", low))
+        sock.listen(16)
+        start(d, {"low": {"listen": f"127.0.0.1:{low}", "internal": "echo"}},
+              passed=[("low", sock)])
+        assert echoes(low)
+        assert d.control()["failed"] == {}
+
+
+def _retried(table: str, name: str) -> str:
+    """As nobody: read `table`, then load entry `name` again as a retry does (it found its
+    user missing at first; the retry must refuse it all the same)."""
+    doc = config.load(table)
+    again = config._load_again(doc, name, {}, doc)
+    return "; ".join(map(str, again)) if isinstance(again, list) else f"loaded {again.name}"
+
+
+@needs_root
+def test_a_retry_refuses_a_user_superd_cannot_become_too():
+    folder = rl.world_dir("superd-nonroot-")
+    try:
+        table = folder / "superd.yaml"
+        table.write_text(f"services:\n  asroot: {{listen: '127.0.0.1:{free_port()}', "
+                         "exec: [/bin/true], user: root}\n")
+        table.chmod(0o644)
+        with multiprocessing.get_context("fork").Pool(
+                1, initializer=rl.as_user(rl.nobody())) as pool:
+            said = pool.apply(_retried, (str(table), "asroot"))
+        assert "services.asroot.user" in said and "cap_setuid" in said, said
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
