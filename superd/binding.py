@@ -12,6 +12,7 @@ import os
 import socket
 from collections.abc import Callable
 
+from superd import caps
 from superd.config import Service
 from superd.listeners import PROTOCOLS, Address, Key, Listener, ident, sock_ident
 
@@ -21,7 +22,10 @@ class BindError(Exception):
 
 
 def _bind_error(svc: Service, addr: Address, e: OSError) -> str:
-    return f"services.{svc.name}.listen: cannot bind {addr}: {e.strerror} ({svc.where})"
+    """The reason a bind failed; a privileged port names the capability superd lacks."""
+    why = caps.port_needs(addr.port) if e.errno == errno.EACCES and addr.inet else None
+    return (f"services.{svc.name}.listen: cannot bind {addr}: {e.strerror}"
+            + (f" ({why})" if why else "") + f" ({svc.where})")
 
 
 def _in_the_way(going: dict[Key, Listener], svc: Service, addr: Address) -> bool:

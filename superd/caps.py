@@ -109,3 +109,41 @@ def raise_ambient(caps: tuple[int, ...]) -> None:
 
 def no_new_privileges() -> None:
     prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+
+
+def unprivileged_port_start() -> int:
+    """The lowest port anyone may bind (net.ipv4.ip_unprivileged_port_start; 1024 without
+    /proc): below it, binding needs cap_net_bind_service."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 1024
+
+
+def port_needs(port: int) -> str | None:
+    """Why this process cannot bind `port` itself (a socket systemd passes needs nothing),
+    or None."""
+    start = unprivileged_port_start()
+    if 0 < port < start and not have("cap_net_bind_service"):
+        return (f"port {port} is below net.ipv4.ip_unprivileged_port_start ({start}) and "
+                f"superd (uid {os.geteuid()}) lacks cap_net_bind_service")
+    return None
+
+
+def switch_needs(uid: int | None, gid: int | None, groups: tuple[int, ...] | None) -> str | None:
+    """Why this process cannot become `uid`/`gid` with `groups`, as spawn does it (setgroups
+    when root, then setgid, setuid), or None. Checked when the table is read: otherwise each
+    connection's handler would fail alone with a bare "Operation not permitted"."""
+    missing = []
+    resgid = os.getresgid()
+    if not have("cap_setgid") and ((os.geteuid() == 0 and (groups or gid) is not None)
+                                   or (gid is not None and gid not in resgid)):
+        missing.append("cap_setgid")
+    if not have("cap_setuid") and uid is not None and uid not in os.getresuid():
+        missing.append("cap_setuid")
+    if not missing:
+        return None
+    return (f"superd runs as uid {os.geteuid()} gid {os.getegid()} without "
+            f"{' and '.join(missing)}: it cannot switch to uid {uid if uid is not None else '-'}"
+            f" gid {gid if gid is not None else '-'} (run superd as root, or drop user/group)")

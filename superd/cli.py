@@ -7,6 +7,7 @@ Exit codes: 0 success; 1 a bad table or a refused operation (or no daemon runnin
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import json
 import os
@@ -14,7 +15,7 @@ import socket
 import sys
 from typing import Any, TextIO
 
-from superd import __version__, control, yamlsrc
+from superd import __version__, caps, control, yamlsrc
 from superd.config import Settings, Table, load_table, read_table, table_path
 from superd.listeners import AF_VSOCK, Listener
 from superd.yamlsrc import TableError
@@ -104,6 +105,8 @@ def _check_binds(table: Table) -> bool:
                     Listener.bind(addr, svc.protocol, svc.backlog).close()
                 except OSError as e:
                     why = e.strerror or str(e)
+                    need = caps.port_needs(addr.port) if e.errno == errno.EACCES else None
+                    why += f" ({need})" if need and addr.inet else ""
             if why is not None:
                 held = describe(addr, svc.protocol)
                 print(f"{svc.where}: services.{svc.name}.listen: cannot bind {addr}: "

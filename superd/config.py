@@ -16,7 +16,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from superd import fields, fields_policy
+from superd import caps, fields, fields_policy
 from superd.fields_policy import FACILITIES
 from superd.listeners import PROTOCOLS, Address
 from superd.records import Failed, Service, ServiceLog, Settings, Table
@@ -95,6 +95,10 @@ def read_table(path: str, previous: Settings | None = None) -> Table:
         problems.append(clash)
         services = [(s, d) for s, d in services if s is not svc]
         failed.append(Failed(svc.name, svc.where, (clash,), svc.disabled, _as_is(svc)))
+    for svc, why in _check_identities(services):
+        problems.append(why)
+        services = [(s, d) for s, d in services if s is not svc]
+        failed.append(Failed(svc.name, svc.where, (why,), svc.disabled, _as_is(svc)))
     services = _with_sensors(services)
     order = {f: i for i, f in enumerate(files)}
     unique = sorted(dict.fromkeys(problems), key=lambda p: (order.get(p.file, -1), p.line or 0))
@@ -126,7 +130,10 @@ def _failed(doc: Document, name: str, defaults: dict[str, Any], main: Document,
 def _load_again(doc: Document, name: str, defaults: dict[str, Any],
                 main: Document) -> Service | list[Problem]:
     svc, again = _service(doc, name, defaults, main)
-    return svc if svc is not None else again
+    if svc is None:
+        return again
+    refused = _check_identities([(svc, doc)])  # its user may have appeared meanwhile
+    return [p for _, p in refused] if refused else svc
 
 
 def _with_sensors(services: list[tuple[Service, Document]]) -> list[tuple[Service, Document]]:
@@ -285,6 +292,22 @@ def _service(doc: Document, name: str, defaults: dict[str, Any],
                                     isinstance(e, Missing)))
         return None, problems
     return Service(name=name, file=doc.file, line=doc.line(base), **values), problems
+
+
+def _check_identities(services: list[tuple[Service, Document]]) -> list[tuple[Service, Problem]]:
+    """Services whose user or group superd cannot switch to (it runs as another user,
+    without cap_setuid/cap_setgid): refused at load, with the capability named, rather than
+    failing each connection with a bare "Operation not permitted". Not transient: superd's
+    own capabilities do not change while it runs."""
+    out = []
+    for svc, doc in services:
+        why = caps.switch_needs(svc.uid, svc.gid, svc.groups)
+        if why is not None and not svc.disabled:
+            raw = doc.value["services"][svc.name]
+            key = next((k for k in ("user", "group", "groups") if k in raw), None)
+            out.append((svc, doc.problem(("services", svc.name) + ((key,) if key else ()),
+                                         why)))
+    return out
 
 
 def _check_addresses(services: list[tuple[Service, Document]]) -> list[tuple[Service, Problem]]:

@@ -67,6 +67,11 @@ class Address:
         """A unix socket with a file in the file system."""
         return self.family == socket.AF_UNIX and not self.abstract
 
+    @property
+    def inet(self) -> bool:
+        """An IPv4 or IPv6 address (where ports below 1024 are privileged)."""
+        return self.family in (socket.AF_INET, socket.AF_INET6)
+
     def key(self, protocol: str, options: SocketOptions = DEFAULT) -> Key:
         """What makes two listeners the same socket (the written form does not), with the
         options that cannot change on a bound socket."""
