@@ -372,7 +372,9 @@ def whole_service(values: dict[str, Any], ctx: Context) -> dict[str, Any]:
             out.pop(key, None)
         if protocol not in STREAM_PROTOCOLS:
             for key in ("instances", "per_source"):
-                if out.get(key) is not None:
+                if out.get(key) is not None and key not in ctx.written:
+                    out.pop(key)  # from defaults: it applies to the services it fits
+                elif out.get(key) is not None:
                     raise FieldError(key, f"{key} counts connections; an internal datagram "
                                           "service has none (rate: N/s limits its answers)")
     elif protocol not in STREAM_PROTOCOLS and not out.get("wait"):

@@ -683,3 +683,15 @@ def test_userid_from_defaults_applies_where_ident_can_ask(tmp_path):
         """)
     assert len(got) == 1 and "services.quiet.log_on_success" in got[0] \
         and "userid needs ident" in got[0], got
+
+
+def test_the_shipped_tables_load_without_a_problem():
+    """config/superd.yaml is the README's first command: every service in it must run.
+    (Its `defaults: instances` once failed every UDP internal service, which has none.)"""
+    here = os.path.join(os.path.dirname(__file__), "..", "..", "config")
+    for name in ("superd.yaml", "system.yaml"):
+        t = load_table(os.path.join(here, name))
+        assert not t.problems and not t.failed, (name, [str(p) for p in t.problems])
+    t = load_table(os.path.join(here, "superd.yaml"))
+    by = {s.name: s for s in t.services}
+    assert by["echo"].instances == 50 and by["echo-u"].instances is None
