@@ -300,8 +300,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 def _print_status(answer: dict[str, Any], failed: dict[str, Any]) -> None:
     up = answer.get("uptime", 0)
     print(f"superd pid {answer['pid']}, up {up // 86400}d {up % 86400 // 3600:02d}:"
-          f"{up % 3600 // 60:02d}, {answer['children']} handlers running, "
+          f"{up % 3600 // 60:02d}, {answer.get('running', 0)} handlers running "
+          f"({answer['children']} processes), "
           f"{answer.get('table_state', {}).get('summary', 'table')} {answer['table']}")
+    if answer.get("cgroups"):
+        print(f"cgroups: {answer['cgroups']}")
     print(f"{'SERVICE':<20} {'ACCEPTED':>9} {'ACTIVE':>7} {'REFUSED':>8} {'LAST EXIT':>9}  PAUSED")
     for name, s in sorted(answer["services"].items()):
         refused = sum(s["refused"].values())

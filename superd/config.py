@@ -212,6 +212,8 @@ SETTINGS_KEYS: dict[str, Callable[[Any], Any]] = {
     "max_sessions": lambda v: None if v == "auto" else fields.count(v),
     "idle_timeout": lambda v: 0.0 if v in (0, "never") else fields.seconds(v),
     "max_buffered": fields.size,
+    "cgroups": lambda v: fields._choice(  # (YAML reads a bare yes or no as a boolean)
+        ("auto", "yes", "no"), "yes" if v is True else "no" if v is False else v),
 }
 
 

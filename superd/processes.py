@@ -11,11 +11,9 @@ one place that maps a spawner's token or a pid to a handler; the server, the ser
 control socket ask it. What a handler's end means (log lines, limits) is its owner's business:
 the table tells the owner through the `Owner` calls.
 
-What a handler leaves behind is the table's too. superd is a child subreaper, so a process a
-handler started and left (a double-forked daemon, `setsid cmd &`) becomes superd's child: a
-survey, twice a second while handlers run, finds such "escaped" processes. They count toward
-max_children, a stop ends them with the handlers, and one still in its handler's session (it
-did not call setsid itself) is ended when its handler's `timeout` would have been.
+What a handler leaves behind (the processes it starts, in its cgroup or escaped from its
+session) is superd/remains.py's; the table surveys it twice a second while handlers run, and
+counts it toward max_children.
 """
 
 from __future__ import annotations
@@ -31,19 +29,12 @@ from typing import Any, Protocol
 from superd import proctree
 from superd.listeners import Listener
 from superd.loop import Timer
+from superd.remains import KILL_AFTER_TERM, Remains, Tree
 
-SURVEY_EVERY = 0.5  # seconds between two looks for escaped processes, while handlers run
-KILL_AFTER_TERM = 2.0  # `timeout`: SIGKILL this long after SIGTERM (SPEC §2)
+__all__ = ["KILL_AFTER_TERM", "Handler", "Owner", "ProcessTable"]
+SURVEY_EVERY = 0.5  # seconds between two looks for what handlers left, while handlers run
 
 SENT, RUNNING, EXITED = "sent", "running", "exited"
-
-
-class Tree(Protocol):
-    """What the table asks of /proc about superd's descendants (superd/proctree.py)."""
-
-    def children(self, pid: int | str = "self") -> list[int]: ...
-    def descendants(self, pid: int | str = "self") -> list[int]: ...
-    def session_of(self, pid: int) -> int | None: ...
 
 
 class Owner(Protocol):
@@ -71,6 +62,7 @@ class Handler:
     inode: int = 0  # of its connection: how to recognise it if its spawner dies unanswered
     deadline: float | None = None  # when `timeout` ends it (and what it left in its session)
     pending: object = None  # a wait handler: what waited on its socket when it was handed over
+    cgroup: str = ""  # the cgroup it was started in (superd/cgroups.py), if any
     timers: list[Timer] = field(default_factory=list)
 
     def cancel_timers(self) -> None:
@@ -79,22 +71,13 @@ class Handler:
         self.timers.clear()
 
 
-@dataclass
-class Escaped:
-    """A process a handler left behind, now superd's child."""
-
-    session: int  # its session id: its handler's pid, unless it made a session of its own
-    owner: Owner | None  # the service of that handler, when the session tells
-    deadline: float | None  # its handler's timeout (then, 2 s later, SIGKILL)
-    sig: int = signal.SIGTERM
-
-
 class ProcessTable:
     def __init__(self, max_children: int, released: Callable[[Listener], None],
                  call_later: Callable[[float, Callable[[], None]], Timer],
                  helpers: Callable[[], set[int]], tree: Tree = proctree):
         self.max_children = max_children
         self.tree = tree
+        self.remains = Remains(tree)
         self.released = released  # a wait handler's listener is free again
         self.call_later = call_later
         self.helpers = helpers  # superd's own child processes (spawners): not handlers
@@ -102,7 +85,6 @@ class ProcessTable:
         self.by_token: dict[int, Handler] = {}
         self.per_owner: Counter[Owner] = Counter()
         self.holders: dict[Listener, Handler] = {}
-        self.escaped: dict[int, Escaped] = {}
         self.recent: dict[int, Handler] = {}  # exited since the last survey, by pid
         self.survey_timer: Timer | None = None
         self.stopping = False
@@ -110,8 +92,9 @@ class ProcessTable:
     # -- questions ---------------------------------------------------------------------------
 
     def __len__(self) -> int:
-        """Processes started or on their way, escaped ones too: what `max_children` counts."""
-        return len(self.by_pid) + len(self.by_token) + len(self.escaped)
+        """Processes started or on their way, and what they started: what `max_children`
+        counts."""
+        return len(self.by_pid) + len(self.by_token) + self.remains.count()
 
     def full(self) -> bool:
         return len(self) >= self.max_children
@@ -126,6 +109,14 @@ class ProcessTable:
         return iter(list(self.by_pid.values()))
 
     # -- a handler's life --------------------------------------------------------------------
+
+    def place(self) -> str:
+        """The cgroup for a handler about to start, or "" (superd/remains.py)."""
+        return self.remains.place()
+
+    def unplaced(self, cgroup: str) -> None:
+        """The handler `place` was asked for did not start: its cgroup is free again."""
+        self.remains.vacate(cgroup, None, None)
 
     def sent(self, handler: Handler, token: int) -> None:
         """Asked a spawner to start it; its pid comes with `answered`."""
@@ -143,6 +134,7 @@ class ProcessTable:
         if not pid:
             handler.state = EXITED
             self._gone(handler)
+            self.remains.vacate(handler.cgroup, handler.owner, None)
             handler.owner.handler_not_started(handler, failure)
             self._release(handler)
             return
@@ -162,18 +154,18 @@ class ProcessTable:
         handler.owner.handler_running(handler)
         if self.stopping:
             self.signal(handler, signal.SIGTERM)
-        if self.survey_timer is None:
-            self.survey_timer = self.call_later(SURVEY_EVERY, self.survey)
+        self._survey_soon()
 
     def exited(self, pid: int, status: int) -> None:
         """`pid` has been reaped (here, or by the spawner that started it)."""
         handler = self.by_pid.pop(pid, None)
         if handler is None:
-            self.escaped.pop(pid, None)  # something a handler left, or a spawner
+            self.remains.escaped.pop(pid, None)  # something a handler left, or a spawner
             return
         handler.state = EXITED
         self.recent[pid] = handler
         self._gone(handler)
+        self.remains.vacate(handler.cgroup, handler.owner, handler.deadline)
         handler.owner.handler_exited(handler, status)
         self._release(handler)
 
@@ -209,10 +201,9 @@ class ProcessTable:
         that is in, and what it left behind in its session."""
         if self.by_pid.get(handler.pid) is not handler:
             return
-        below = self.tree.descendants(handler.pid)
-        self.signal(handler, sig)
-        _kill(below, sig)
-        _kill([pid for pid, e in self.escaped.items() if e.session == handler.pid], sig)
+        below = [] if handler.cgroup else self.tree.descendants(handler.pid)  # (first: as
+        self.signal(handler, sig)  # the handler dies, its children go up to superd a while)
+        self.remains.end(handler.pid, handler.cgroup, sig, below)
 
     def stop(self) -> None:
         """superd stops: SIGTERM to every handler and what they started or left, and to each
@@ -225,52 +216,45 @@ class ProcessTable:
 
     def _signal_everything(self, sig: int) -> None:
         self.survey()
-        helpers = self.helpers()
-        below = [pid for pid in self.tree.descendants() if pid not in helpers]
-        for handler in self.running():
+        below = self.remains.below(self.helpers())  # first: as handlers die, their children
+        for handler in self.running():               # move up to superd, out of sight a while
             self.signal(handler, sig)
-        _kill([*self.escaped, *below], sig)
+        self.remains.signal_everything(sig, below, {h.cgroup for h in self.by_token.values()})
 
     # -- what handlers leave behind ----------------------------------------------------------
 
     def survey(self) -> None:
-        """Look for processes handlers left behind (superd's children it did not start)."""
+        """Look at what handlers started and left (superd/remains.py)."""
         self.survey_timer = None
         helpers = self.helpers()
-        now = time.monotonic()
-        for pid in self.tree.children():
-            if pid in self.by_pid or pid in self.escaped or pid in helpers:
-                continue
-            session = self.tree.session_of(pid)
-            if session is None:
-                continue
-            origin = self.by_pid.get(session) or self.recent.get(session)
-            self.escaped[pid] = Escaped(session, origin.owner if origin else None,
-                                        origin.deadline if origin else None)
+
+        def origin(session: int) -> tuple[Owner, float | None] | None:
+            h = self.by_pid.get(session) or self.recent.get(session)
+            return None if h is None else (h.owner, h.deadline)
+        self.remains.survey([(h.pid, h.cgroup) for h in self.by_pid.values()],
+                            lambda pid: pid in self.by_pid or pid in helpers, origin,
+                            time.monotonic())
         self.recent.clear()
-        for pid, e in self.escaped.items():
-            if e.deadline is not None and e.deadline <= now:
-                _kill([pid], e.sig)
-                e.deadline, e.sig = now + KILL_AFTER_TERM, signal.SIGKILL
-        if (self.by_pid or self.escaped) and self.survey_timer is None:
+        self._survey_soon()
+
+    def _survey_soon(self) -> None:
+        if (self.by_pid or self.remains.busy()) and self.survey_timer is None:
             self.survey_timer = self.call_later(SURVEY_EVERY, self.survey)
 
     # -- superd upgrade: the table goes on in the next superd --------------------------------
 
     def export(self, listener_id: Callable[[Listener], str]) -> dict[str, Any]:
-        """Every handler and escaped process, for the superd that takes over (same pid)."""
+        """Every handler and what they left, for the superd that takes over (same pid)."""
         now = time.monotonic()
 
         def one(h: Handler) -> dict[str, object]:
             return {"service": h.owner.name, "peer": h.peer, "state": h.state, "pid": h.pid,
                     "token": h.token, "age": now - h.started, "inode": h.inode,
+                    "cgroup": h.cgroup,
                     "deadline_in": None if h.deadline is None else h.deadline - now,
                     "listener": None if h.listener is None else listener_id(h.listener)}
         return {"handlers": [one(h) for h in [*self.by_pid.values(), *self.by_token.values()]],
-                "escaped": [{"pid": pid, "session": e.session,
-                             "service": e.owner.name if e.owner else None,
-                             "deadline_in": None if e.deadline is None else e.deadline - now}
-                            for pid, e in self.escaped.items()]}
+                **self.remains.export(now)}
 
     def restore(self, state: dict[str, Any], owner: Callable[[str], Owner],
                 listener: Callable[[str | None], Listener | None]) -> int:
@@ -281,6 +265,7 @@ class ProcessTable:
             h = Handler(owner(item["service"]), item["peer"], state=item["state"],
                         pid=item["pid"], token=item["token"], started=now - item["age"],
                         listener=listener(item["listener"]), inode=item["inode"],
+                        cgroup=item.get("cgroup", ""),
                         deadline=None if item["deadline_in"] is None
                         else now + item["deadline_in"])
             self.per_owner[h.owner] += 1
@@ -291,12 +276,9 @@ class ProcessTable:
             else:
                 self.by_pid[h.pid] = h
                 h.owner.handler_resumed(h)
-        for item in state["escaped"]:
-            self.escaped[item["pid"]] = Escaped(
-                item["session"], owner(item["service"]) if item["service"] else None,
-                None if item["deadline_in"] is None else now + item["deadline_in"])
-        if (self.by_pid or self.escaped) and self.survey_timer is None:
-            self.survey_timer = self.call_later(SURVEY_EVERY, self.survey)
+        self.remains.restore(state, owner, {h.cgroup for h in self.by_pid.values()}
+                             | {h.cgroup for h in self.by_token.values()}, now)
+        self._survey_soon()
         return len(state["handlers"])
 
     # -- a spawner died ----------------------------------------------------------------------
@@ -322,11 +304,3 @@ class ProcessTable:
         for token in by_inode.values():
             self.answered(token, 0, "its spawner process died before starting it")
         return found
-
-
-def _kill(pids: list[int], sig: int) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except OSError:
-            pass

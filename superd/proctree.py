@@ -46,3 +46,14 @@ def session_of(pid: int) -> int | None:
             return int(f.read().rsplit(")", 1)[1].split()[3])
     except (OSError, ValueError, IndexError):
         return None
+
+
+
+def start_ticks(pid: int | str) -> int | None:
+    """When `pid` started, in clock ticks after boot (/proc/PID/stat field 22), or None when
+    it is gone: with the pid, it names one process over its whole life, exec included."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None

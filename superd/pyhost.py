@@ -57,7 +57,7 @@ def python_handler(prep: spawn.Prepared) -> Start:
         sock = socket.socket(fileno=fds[0])
         try:
             started = spawn.spawn(prep, sock, env, prep.service.wait,
-                                  fds[1] if request.stderr == "log" else -1)
+                                  fds[1] if request.stderr == "log" else -1, request.cgroup)
         except OSError as e:
             return 0, f"fork: {e.strerror}"
         finally:

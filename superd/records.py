@@ -47,6 +47,7 @@ class Settings:
     max_sessions: int | None = None  # internal sessions at once; None: half the fd limit
     idle_timeout: float = 300.0  # an internal session that moves no byte for this long ends
     max_buffered: int = 32 << 20  # bytes all echo sessions together may hold unsent
+    cgroups: str = "auto"  # a cgroup per handler: auto, yes or no (superd/cgroups.py)
 
 
 @dataclass(frozen=True)

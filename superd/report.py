@@ -44,7 +44,8 @@ def status_line(status: dict[str, Any]) -> str:
 def status_lines(status: dict[str, Any]) -> list[str]:
     """The status as log lines: a summary, then one line per service."""
     lines = [f"status: pid {status['pid']}, {len(status['services'])} services, "
-             f"{status['children']} handlers, table {status['table']}"]
+             f"{status['running']} handlers, {status['children']} processes, "
+             f"cgroups {status.get('cgroups', 'off')}, table {status['table']}"]
     for name, s in sorted(status["services"].items()):
         refused = ",".join(f"{k}={v}" for k, v in sorted(s["refused"].items())) or "0"
         lines.append(f"status: {name} accepted={s['accepted']} active={s['active']} "

@@ -174,6 +174,7 @@ class Server:
             self.loop.run_once()
         for pool in list(self.pools):
             pool.close()
+        self.processes.remains.close()
         if self.upgrades and self.pidfile:  # python-daemon's own removal went with the exec
             daemonize.remove_pidfile(self.pidfile)
         self.log.info("stopped")
@@ -271,6 +272,9 @@ class Server:
         """The daemon-wide settings of a table being taken."""
         s = table.settings
         self.processes.max_children = s.max_children
+        error = self.processes.remains.use_cgroups(s.cgroups)
+        if error:
+            self.log.error(error)
         self.reader.timeout = s.read_timeout
         self.sessions.configure(s.max_sessions, s.idle_timeout, s.max_buffered)
         self.log.configure(s, table.service_logs)
@@ -370,8 +374,9 @@ class Server:
         return {"services": services, "failed": self.retries.status(),
                 "problems": [str(p) for p in self.table.problems],
                 "table_state": {**state, "summary": report.table_summary(state)},
-                "children": len(self.processes), "escaped": len(self.processes.escaped),
+                "children": len(self.processes), "escaped": len(self.processes.remains.escaped),
                 "running": len(self.processes.by_pid), "upgrades": self.upgrades,
+                "cgroups": self.processes.remains.state,
                 "last_upgrade_error": self.last_upgrade_error,
                 "uptime": int(time.monotonic() - self.started_at),
                 "pid": os.getpid(), "table": self.table.path}

@@ -17,7 +17,7 @@ import sys
 import traceback
 from dataclasses import dataclass
 
-from superd import caps
+from superd import caps, cgroups
 from superd.config import Service
 from superd.fields import RLIMITS
 from superd.forkexec import default_signals, fork_exec, read_error
@@ -63,13 +63,14 @@ class Prepared:
                          if k not in env)
         return [*base, *(f"{k}={v}".encode() for k, v in env.items())]
 
-    def request(self, token: int, env: dict[str, str], stderr_fd: int) -> Request:
+    def request(self, token: int, env: dict[str, str], stderr_fd: int,
+                cgroup: str = "") -> Request:
         """What a spawner needs to start this service's handler with `env` added."""
         svc = self.service
         env_list = self.full_env(env)
         stderr = svc.stderr if svc.stderr != "log" or stderr_fd >= 0 else "null"
         return Request(token, stderr, self.argv, self.program, env_list, svc.cwd, svc.gid,
-                       self.groups, svc.uid, -1 if svc.umask is None else svc.umask)
+                       self.groups, svc.uid, -1 if svc.umask is None else svc.umask, cgroup)
 
 
 def prepare(service: Service, environ: dict[str, str]) -> Prepared:
@@ -98,13 +99,15 @@ class Started:
 
 
 def spawn(prep: Prepared, sock: socket.socket, env: dict[str, str], wait: bool,
-          err_w: int) -> Started:
+          err_w: int, cgroup: str = "") -> Started:
     """Fork a handler for `sock` (a connection, or the listener itself when `wait`).
 
-    `err_w` is the write end of the service's stderr pipe (used with `stderr: log`).
+    `err_w` is the write end of the service's stderr pipe (used with `stderr: log`). With a
+    `cgroup`, the child moves itself there before anything else, so the fork is Python's
+    (vfork's child cannot run a line of Python).
     """
     status_r, status_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-    if prep.fast:
+    if prep.fast and not cgroup:
         try:
             pid = _fork_exec(prep, sock.fileno(), env, status_r, status_w, err_w)
         except BaseException:
@@ -125,7 +128,7 @@ def spawn(prep: Prepared, sock: socket.socket, env: dict[str, str], wait: bool,
         raise
     if pid == 0:
         os.set_blocking(status_w, True)
-        _child(prep, sock, env, wait, status_w, err_w)  # never returns
+        _child(prep, sock, env, wait, status_w, err_w, cgroup)  # never returns
     signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     os.close(status_w)
     return _settle(pid, status_r)
@@ -182,12 +185,15 @@ def exec_outcome(pipe: int) -> bytes | None:
 
 
 def _child(prep: Prepared, sock: socket.socket, env: dict[str, str], wait: bool,
-           status_w: int, err_w: int) -> None:
+           status_w: int, err_w: int, cgroup: str) -> None:
     """In the forked child: become the handler or exit 127 saying why not: the step that
     failed and the error (`OSError:<hex errno>:<step>`, as superd/execfail.py reads it)."""
     svc = prep.service
-    step = ["setsid"]  # what is being done (a list: the steps below say as they go)
+    step = [f"cgroup {cgroup}"]  # what is being done (a list: the steps below say as they go)
     try:
+        if cgroup:
+            cgroups.move_self(cgroup)  # first: whatever it starts from now on stays in there
+        step[0] = "setsid"
         os.setsid()  # its own session and process group, no controlling terminal
         signal.set_wakeup_fd(-1)
         default_signals()

@@ -24,7 +24,7 @@ from collections.abc import Callable
 if __name__ == "__main__":  # run as a script: the superd package is the folder above this file
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from superd import spawnproto  # noqa: E402
+from superd import cgroups, spawnproto  # noqa: E402
 from superd.forkexec import clean_signal_inheritance, fork_exec, read_error  # noqa: E402
 from superd.spawnproto import Exited, Reply, Started  # noqa: E402
 
@@ -145,6 +145,24 @@ def _request(sock: socket.socket, devnull: int, replies: Replies, start: Start) 
     return True
 
 
+_home = ""  # the spawner's own cgroup directory, learnt before it first leaves it
+
+
+def _enter(cgroup: str) -> None:
+    global _home
+    _home = _home or cgroups.current()
+    cgroups.move_self(cgroup)
+
+
+def _leave() -> None:
+    """Back to the cgroup the spawner started in: it must not count as, or die with, a
+    handler. Failing that it ends, and superd starts another."""
+    try:
+        cgroups.move_self(_home)
+    except OSError:
+        os._exit(1)
+
+
 def exec_handler(request: spawnproto.Request, fds: list[int],
                  devnull: int) -> tuple[int, bytes | str | None]:
     """The spawner's way: fork and exec the program (vfork where CPython can)."""
@@ -153,15 +171,23 @@ def exec_handler(request: spawnproto.Request, fds: list[int],
         conn if request.stderr == "socket" else devnull)
     status_r, status_w = os.pipe2(os.O_CLOEXEC)
     pid, failure = 0, None  # type: tuple[int, bytes | str | None]
+    step, moved = "fork", False
     try:
+        if request.cgroup:  # the child is born in it: nothing it starts can be outside
+            step = f"cgroup {request.cgroup}"
+            _enter(request.cgroup)
+            moved = True
+        step = "fork"
         pid = fork_exec(request.argv, request.program, env=request.env, stdin=conn,
                         stdout=conn, stderr=stderr, errpipe=(status_r, status_w),
                         new_session=True, cwd=request.cwd, gid=request.gid,
                         groups=request.groups, uid=request.uid, umask=request.umask)
     except (OSError, ValueError, TypeError) as e:
-        failure = f"fork: {getattr(e, 'strerror', None) or e}"
+        failure = f"{step}: {getattr(e, 'strerror', None) or e}"
     finally:
         os.close(status_w)
+        if moved:
+            _leave()
     if pid:
         failure = read_error(status_r)[:spawnproto.MAX_FAILURE] or None  # EOF: exec'd
     os.close(status_r)

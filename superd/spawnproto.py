@@ -38,6 +38,7 @@ class Request(NamedTuple):
     groups: list[int] | None
     uid: int | None
     umask: int  # -1: leave it
+    cgroup: str = ""  # the cgroup directory to start it in (superd/cgroups.py), or none
 
 
 class Started(NamedTuple):

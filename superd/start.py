@@ -35,20 +35,32 @@ class Starter:
         listener itself). OSError when it cannot even be forked; the caller still owns
         `sock` and closes it. A python handler is forked by its service's `host`, never
         by superd itself: it would hold superd's memory, every other service's included."""
-        if prep.service.python:
-            return self._python(owner, prep, sock, peer, env, listener, stderr_fd, host)
+        cgroup = self.processes.place()
+        try:
+            if prep.service.python:
+                return self._python(owner, prep, sock, peer, env, listener, stderr_fd, host,
+                                    cgroup)
+            return self._exec(owner, prep, sock, peer, env, listener, stderr_fd, cgroup)
+        except BaseException:
+            self.processes.unplaced(cgroup)
+            raise
+
+    def _exec(self, owner: Owner, prep: spawn.Prepared, sock: socket.socket, peer: str,
+              env: dict[str, str], listener: Listener | None, stderr_fd: int,
+              cgroup: str) -> Handler:
         spawners = self.spawners()
         if listener is None and prep.fast and spawners is not None:
             token = spawners.next_token()
             log_fd = stderr_fd if prep.service.stderr == "log" and stderr_fd >= 0 else -1
             fds = [sock.fileno()] if log_fd < 0 else [sock.fileno(), log_fd]
-            if spawners.send(prep.request(token, env, log_fd), fds):
-                handler = Handler(owner, peer, inode=os.fstat(sock.fileno()).st_ino)
+            if spawners.send(prep.request(token, env, log_fd, cgroup), fds):
+                handler = Handler(owner, peer, inode=os.fstat(sock.fileno()).st_ino,
+                                  cgroup=cgroup)
                 self.processes.sent(handler, token)
                 return handler
-        started = spawn.spawn(prep, sock, env, listener is not None, stderr_fd)
+        started = spawn.spawn(prep, sock, env, listener is not None, stderr_fd, cgroup)
         handler = Handler(owner, peer, listener=listener, exec_pipe=started.exec_pipe,
-                          failure=started.failure)
+                          failure=started.failure, cgroup=cgroup)
         if started.exec_pipe >= 0:
             self.loop.add(started.exec_pipe, READ, partial(self._exec_pipe, handler))
         self.processes.started(handler, started.pid)
@@ -56,15 +68,16 @@ class Starter:
 
     def _python(self, owner: Owner, prep: spawn.Prepared, sock: socket.socket, peer: str,
                 env: dict[str, str], listener: Listener | None, stderr_fd: int,
-                host: Spawners | None) -> Handler:
+                host: Spawners | None, cgroup: str) -> Handler:
         if host is None:
             raise OSError(errno.EAGAIN, "its python host is not running")
         token = host.next_token()
         log_fd = stderr_fd if prep.service.stderr == "log" and stderr_fd >= 0 else -1
         fds = [sock.fileno()] if log_fd < 0 else [sock.fileno(), log_fd]
-        if not host.send(prep.request(token, env, log_fd), fds):
+        if not host.send(prep.request(token, env, log_fd, cgroup), fds):
             raise OSError(errno.EAGAIN, "its python host cannot take the request")
-        handler = Handler(owner, peer, listener=listener, inode=os.fstat(sock.fileno()).st_ino)
+        handler = Handler(owner, peer, listener=listener, inode=os.fstat(sock.fileno()).st_ino,
+                          cgroup=cgroup)
         self.processes.sent(handler, token)
         return handler
 

@@ -96,7 +96,9 @@ def test_status_shows_only_the_services_named(superd):
     assert sorted(json.loads(r.stdout)["services"]) == ["a", "c"]
     r = status("b")
     assert r.returncode == 0
-    assert [line.split()[0] for line in r.stdout.splitlines()[2:]] == ["b"]
+    lines = r.stdout.splitlines()
+    rows = lines[next(i for i, x in enumerate(lines) if x.startswith("SERVICE")) + 1:]
+    assert [line.split()[0] for line in rows] == ["b"]
     r = status("a", "nosuch")
     assert (r.returncode, r.stdout, r.stderr) == (1, "", "superd: no such service: nosuch\n")
 

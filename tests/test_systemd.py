@@ -800,7 +800,13 @@ def test_superd_service_under_real_systemd(container):
             # The control socket under RuntimeDirectory=, the default table path.
             r = box.run(["superd", "status", "--json"])
             st = json.loads(r.stdout)
-            assert (st["pid"], st["children"]) == (main_pid, 1)
+            # Delegate=yes: each handler in a cgroup of its own, below the unit's; the
+            # handler and the sleep it started in a session of its own both count.
+            assert re.match(r"^on, in /sys/fs/cgroup/(unified/)?system\.slice/superd\.service$",
+                            st["cgroups"]), st["cgroups"]
+            assert st["pid"] == main_pid
+            wait_until(lambda: json.loads(box.run(["superd", "status", "--json"]).stdout)[
+                "children"] == 2, 5, "the handler and its sleep counted")
             assert st["services"]["hello"]["last_exit"] == 0
             assert st["services"]["hold"]["active"] == 1
             assert box.run(["stat", "-c", "%a %U", "/run/superd/control.sock"]).stdout == \
@@ -833,8 +839,8 @@ def test_superd_service_under_real_systemd(container):
             assert exits[0].get("EXIT_STATUS") == "0", records
             assert exits[0].get("REMOTE_ADDR") == "127.0.0.1"
 
-            # systemctl stop: superd stops its handlers; what escaped their process group is
-            # killed by systemd (KillMode=mixed) as soon as superd is gone. Nothing is left.
+            # systemctl stop: superd stops its handlers with their cgroups; anything else in
+            # the unit is killed by systemd (KillMode=mixed) as soon as superd is gone.
             t0 = time.monotonic()
             box.run(["systemctl", "stop", "superd"])
             took = time.monotonic() - t0

@@ -410,10 +410,18 @@ def test_settings_that_load(tmp_path):
     assert got == Settings(f"{tmp_path}/log", "local3", "inetd", f"{tmp_path}/ctl", 50, 0.5)
 
 
+@pytest.mark.parametrize("text, value", [
+    ("yes", "yes"), ("no", "no"), ("'no'", "no"), ("auto", "auto"), ("true", "yes")])
+def test_cgroups_setting(tmp_path, text, value):
+    """YAML reads a bare yes or no as a boolean: both spellings mean the same."""
+    assert table(tmp_path, f"settings:\n  cgroups: {text}\n").settings.cgroups == value
+
+
 @pytest.mark.parametrize("text, where, message", [
     ("colour: blue", "settings.colour",
      "unknown key (expected syslog, control_socket, max_children, shutdown_grace, stop, "
-     "drain_timeout, read_timeout, max_sessions, idle_timeout, max_buffered)"),
+     "drain_timeout, read_timeout, max_sessions, idle_timeout, max_buffered, cgroups)"),
+    ("cgroups: maybe", "settings.cgroups", "expected one of auto, yes, no, not 'maybe'"),
     ("stop: later", "settings.stop", "expected one of terminate, drain, leave, not 'later'"),
     ("control_socket: ctl.sock", "settings.control_socket",
      "expected an absolute path, not 'ctl.sock'"),

@@ -1,0 +1,90 @@
+"""superd/cgroups.py: whether superd puts each handler in a cgroup, and why not.
+
+The decision reads the machine (the cgroup v2 mount, superd's own cgroup, whether systemd
+manages the tree and delegated superd's part of it); here each of those is given, and the
+reason `superd status` would show is checked word for word.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from superd import cgroups
+
+
+def test_no_means_no():
+    assert cgroups.decide("no", "/sys/fs/cgroup", "/", False) == \
+        cgroups.Decision("", "off (settings: cgroups: no)")
+
+
+@pytest.mark.parametrize("mode", ["auto", "yes"])
+def test_without_cgroup_v2(mode):
+    assert cgroups.decide(mode, "", "/", False).reason == \
+        "off: no cgroup v2 hierarchy is mounted"
+    assert cgroups.decide(mode, "/sys/fs/cgroup", "", False).reason == \
+        "off: superd is in no cgroup v2 group"
+
+
+def test_not_writable(tmp_path):
+    """(A cgroup that is not there is not writable, even by root.)"""
+    assert cgroups.decide("auto", str(tmp_path), "/gone", False).reason == \
+        f"off: {tmp_path}/gone is not writable by uid {os.geteuid()}"
+
+
+def test_systemd_must_delegate_unless_told_yes(tmp_path):
+    """Under systemd, a cgroup not delegated (Delegate=yes) is systemd's to manage: auto
+    leaves it alone; yes takes it anyway."""
+    mount = tmp_path / "cg"
+    (mount / "system.slice" / "superd.service").mkdir(parents=True)
+    (mount / "system.slice" / "superd.service" / "cgroup.procs").write_text("")
+    own = "/system.slice/superd.service"
+    path = f"{mount}/system.slice/superd.service"
+    if not os.access(path + "/cgroup.procs", os.W_OK):
+        pytest.skip("needs a writable temporary directory")
+    assert cgroups.decide("auto", str(mount), own, True) == cgroups.Decision(
+        "", f"off: systemd manages {path} and has not delegated it to superd "
+        "(Delegate=yes in its unit)")
+    assert cgroups.decide("yes", str(mount), own, True) == \
+        cgroups.Decision(path, f"on, in {path}")
+    assert cgroups.decide("auto", str(mount), own, False) == \
+        cgroups.Decision(path, f"on, in {path}")
+
+
+def test_the_mount_and_own_path_are_read_from_proc(tmp_path):
+    info = tmp_path / "mountinfo"
+    info.write_text(
+        "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n"
+        "41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n")
+    assert cgroups.mount_point(str(info)) == "/sys/fs/cgroup/unified"
+    own = tmp_path / "cgroup"
+    own.write_text("9:name=systemd:/\n0::/system.slice/superd.service\n")
+    assert cgroups.own_path(str(own)) == "/system.slice/superd.service"
+    own.write_text("9:name=systemd:/\n")
+    assert cgroups.own_path(str(own)) is None
+
+
+def test_the_pool_takes_back_only_empty_cgroups_and_forgets_gone_ones(tmp_path):
+    """(Plain directories stand for cgroups: give_back reads only cgroup.procs.)"""
+    pool = cgroups.Cgroups(str(tmp_path))
+    a, b, c = pool.take(), pool.take(), pool.take()
+    assert [os.path.basename(p) for p in (a, b, c)] == ["h1", "h2", "h3"]
+    with open(os.path.join(a, "cgroup.procs"), "w") as f:
+        f.write("4242\n")
+    open(os.path.join(b, "cgroup.procs"), "w").close()
+    assert pool.give_back(a) is False  # still holds a process: the caller watches it
+    assert pool.give_back(b) is True and pool.pool == [b]
+    assert pool.give_back(c) is True and pool.pool == [b]  # no cgroup.procs: gone
+    os.remove(os.path.join(b, "cgroup.procs"))
+    os.rmdir(b)
+    assert pool.take() == os.path.join(str(tmp_path), "h4")  # the pooled one vanished
+    assert cgroups.Cgroups(str(tmp_path)).serial == 4  # an upgrade goes on counting
+
+
+def test_odd_names_in_superds_cgroup_are_not_its_own(tmp_path):
+    for name in ("h1", "h\u00b2", "h99999999999", "hx", "superd-1"):
+        os.mkdir(tmp_path / name)
+    pool = cgroups.Cgroups(str(tmp_path))
+    assert pool.serial == 1
+    assert pool.known() == [os.path.join(str(tmp_path), "h1")]
