@@ -11,24 +11,33 @@ The directories are root's, 0755, whatever superd's umask: a handler cannot move
 make a cgroup of its own in there, or write cgroup.kill.
 
 A handler is put in its cgroup by whoever forks it, before it runs a line of its own: a
-spawner moves itself in, forks and moves back; a Python-forked child moves itself in first
-thing. Empty cgroups are kept for reuse: a mkdir and an rmdir per connection cost more than a
-list pop.
+spawner moves itself in, forks, and moves back before superd hears of the handler; a
+Python-forked child moves itself in first thing. What this costs per connection is kept
+small, as each cgroup file operation costs about as much as a short syscall's worth of Python:
+empty cgroups are pooled (a mkdir and an rmdir cost more than a list pop), and the
+cgroup.procs files of recently used cgroups are kept open (an open costs as much as the read
+or write it is for). bench/README.md says what is left.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
-POOL = 64  # empty cgroups kept for reuse; the rest are removed
+POOL = 64  # empty cgroups always kept for reuse
+POOL_MAX = 1024  # at most, after a burst; what no handler needed for a survey round goes
+TRIM = 32  # cgroups removed at most per survey round (an rmdir costs about 60 us)
+KEEP_OPEN = 128  # cgroups whose cgroup.procs a process keeps open (OpenFiles)
 HANDLER = re.compile(r"h[0-9]{1,9}")  # a handler's cgroup, in superd's
 SUPERD = re.compile(r"superd-([0-9]{1,9})-([0-9]{1,20})")  # a superd's, in its own cgroup
 SYSTEMD_INIT = "/run/systemd/system"
 DELEGATE_XATTRS = ("trusted.delegate", "user.delegate")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -104,24 +113,84 @@ def current() -> str:
     return os.path.join(mount, own.lstrip("/")) if mount and own is not None else ""
 
 
-def move_self(path: str) -> None:
-    """Move the calling process into the cgroup directory `path` (OSError if it cannot)."""
-    fd = os.open(os.path.join(path, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC)
+class OpenFiles:
+    """One file (`name`) of each of the last KEEP_OPEN cgroups used, kept open: opening a
+    cgroup file costs as much as the read or write it is for, and cgroups are reused (the
+    pool). A kept fd of a cgroup removed since fails (ENODEV), and the path is opened afresh:
+    a cgroup made again under the same name is the new one, and a gone one says so."""
+
+    def __init__(self, name: str, flags: int):
+        self.name, self.flags = name, flags | os.O_CLOEXEC
+        self.fds: dict[str, int] = {}  # least recently used first
+
+    def use(self, path: str, op: Callable[[int], T]) -> T:
+        """op(fd of `path`'s file): OSError as the kernel says (FileNotFoundError: gone)."""
+        fd = self.fds.pop(path, None)
+        if fd is not None:
+            try:
+                result = op(fd)
+                self.fds[path] = fd
+                return result
+            except OSError as e:
+                os.close(fd)
+                if e.errno != errno.ENODEV:
+                    raise
+        fd = os.open(os.path.join(path, self.name), self.flags)
+        try:
+            result = op(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fds[path] = fd
+        while len(self.fds) > KEEP_OPEN:
+            os.close(self.fds.pop(next(iter(self.fds))))
+        return result
+
+    def forget(self, path: str) -> None:
+        fd = self.fds.pop(path, None)
+        if fd is not None:
+            os.close(fd)
+
+
+def enter(path: str, procs_files: OpenFiles | None = None) -> None:
+    """Move the calling process into the cgroup `path` (OSError if it cannot). One root
+    removed from superd's pool is made again: superd hands out pooled cgroups unchecked."""
+    files = procs_files or OpenFiles("cgroup.procs", os.O_WRONLY)
     try:
-        os.write(fd, b"0")
-    finally:
-        os.close(fd)
+        files.use(path, _join)
+    except FileNotFoundError:
+        _mkdir(path, exist_ok=True)
+        files.use(path, _join)
+    if procs_files is None:
+        files.forget(path)
+
+
+def _join(fd: int) -> None:
+    os.write(fd, b"0")
+
+
+def _read_procs(fd: int) -> list[int]:
+    data = b""
+    while chunk := os.pread(fd, 65536, len(data)):
+        data += chunk
+    return [int(x) for x in data.split()]
 
 
 def procs(path: str) -> list[int] | None:
     """The processes in the cgroup `path`; None when it is gone. OSError when it cannot be
     read now (EMFILE, say): then nothing is known of it."""
     try:
-        with open(os.path.join(path, "cgroup.procs"), "rb") as f:
-            data = f.read()
+        fd = os.open(os.path.join(path, "cgroup.procs"), os.O_RDONLY | os.O_CLOEXEC)
     except (FileNotFoundError, NotADirectoryError):
         return None
-    return [int(x) for x in data.split()]
+    try:
+        return _read_procs(fd)
+    except OSError as e:
+        if e.errno == errno.ENODEV:  # removed while open
+            return None
+        raise
+    finally:
+        os.close(fd)
 
 
 def signal_all(path: str, sig: int) -> None:
@@ -167,12 +236,17 @@ def _write(path: str, data: bytes) -> bool:
 
 
 class Cgroups:
-    """superd's handler cgroups under `base`: handed out, taken back, removed."""
+    """superd's handler cgroups under `base`: handed out, taken back, removed.
+
+    Empty ones are pooled: at least POOL, and after a burst as many as it needed (up to
+    POOL_MAX) while bursts come; what stayed unused for a whole survey round is removed."""
 
     def __init__(self, base: str):
         self.base = base
-        self.pool: list[str] = []
+        self.pool: list[str] = []  # the most recently freed last: taken first
+        self.low = 0  # the pool's smallest size since the last trim
         self.serial = 0
+        self.files = OpenFiles("cgroup.procs", os.O_RDONLY)
         for name in _listdir(base):  # an upgrade: the earlier superd's ones
             if HANDLER.fullmatch(name):
                 self.serial = max(self.serial, int(name[1:]))
@@ -193,31 +267,56 @@ class Cgroups:
         return cls(base)
 
     def take(self) -> str:
-        """An empty cgroup for one handler (OSError if none can be made)."""
-        while self.pool:
+        """An empty cgroup for one handler (OSError if none can be made). A pooled one is
+        not looked at: whoever enters it makes it again if root removed it (enter)."""
+        if self.pool:
             path = self.pool.pop()
-            if os.path.isdir(path):  # (root may have removed it)
-                return path
+            self.low = min(self.low, len(self.pool))
+            return path
         self.serial += 1
         path = os.path.join(self.base, f"h{self.serial}")
         _mkdir(path)
         return path
+
+    def procs(self, path: str) -> list[int] | None:
+        """procs(path), through a kept fd."""
+        try:
+            return self.files.use(path, _read_procs)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
 
     def give_back(self, path: str) -> bool:
         """`path` is no longer a handler's: kept for the next, removed, or gone (True); or it
         still holds processes, or cannot be read now, and the caller goes on watching it
         (False)."""
         try:
-            pids = procs(path)
+            pids = self.procs(path)
         except (OSError, ValueError):
             return False
         if pids:
             return False
-        if pids is not None and len(self.pool) < POOL:
+        if pids is not None and len(self.pool) < POOL_MAX:
             self.pool.append(path)
-        elif pids is not None:
-            _rmdir(path)
+        else:
+            self._remove(path)
         return True
+
+    def excess(self) -> int:
+        """Pooled cgroups beyond POOL: a trim is due while there are."""
+        return max(0, len(self.pool) - POOL)
+
+    def trim(self) -> None:
+        """Once a survey round: remove up to TRIM of the pooled cgroups beyond POOL that no
+        handler took since the last round (the oldest freed)."""
+        n = min(max(0, min(self.low, len(self.pool)) - POOL), TRIM)
+        for path in self.pool[:n]:
+            self._remove(path)
+        del self.pool[:n]
+        self.low = len(self.pool)
+
+    def _remove(self, path: str) -> None:
+        self.files.forget(path)
+        _rmdir(path)
 
     def known(self) -> list[str]:
         """Every handler cgroup there is, in use or not."""
@@ -226,6 +325,8 @@ class Cgroups:
     def remove(self) -> None:
         """superd stops: remove every empty cgroup, and its own if that leaves it empty."""
         self.pool.clear()
+        for path in list(self.files.fds):
+            self.files.forget(path)
         _remove_tree(self.base)
 
 

@@ -81,7 +81,8 @@ class Remains:
 
     def busy(self) -> bool:
         """Something to survey, even with no handler running (a count to bring to 0)."""
-        return bool(self.escaped or self.lingering or self.contained)
+        return bool(self.escaped or self.lingering or self.contained
+                    or (self.cgroups is not None and self.cgroups.excess()))
 
     # -- cgroups ------------------------------------------------------------------------------
 
@@ -157,6 +158,8 @@ class Remains:
         superd's children no cgroup holds and `skip` does not know, and end at its deadline
         whatever is left."""
         found = self._survey_cgroups(running, now)
+        if self.cgroups is not None:
+            self.cgroups.trim()
         for pid in self.tree.children():
             if pid in self.escaped or pid in found or skip(pid):
                 continue
@@ -175,9 +178,10 @@ class Remains:
         """Count, end at their deadline, free the empty ones. Returns every process found."""
         found: set[int] = set()
         count = 0
+        read = self.cgroups.procs if self.cgroups is not None else cgroups.procs
         for pid, path in running:
             try:
-                pids = (cgroups.procs(path) or []) if path else []
+                pids = (read(path) or []) if path else []
             except (OSError, ValueError):
                 continue  # (EMFILE, say: counted at the next survey)
             found.update(pids)
@@ -187,7 +191,7 @@ class Remains:
                 del self.lingering[path]  # empty now, or gone
                 continue
             try:
-                pids = cgroups.procs(path) or []
+                pids = read(path) or []
             except (OSError, ValueError):
                 continue
             found.update(pids)

@@ -192,7 +192,7 @@ def _child(prep: Prepared, sock: socket.socket, env: dict[str, str], wait: bool,
     step = [f"cgroup {cgroup}"]  # what is being done (a list: the steps below say as they go)
     try:
         if cgroup:
-            cgroups.move_self(cgroup)  # first: whatever it starts from now on stays in there
+            cgroups.enter(cgroup)  # first: whatever it starts from now on stays in there
         step[0] = "setsid"
         os.setsid()  # its own session and process group, no controlling terminal
         signal.set_wakeup_fd(-1)

@@ -33,9 +33,10 @@ def _ignore(signum: int, frame: object) -> None:
     """A caught signal is reset to default by exec; an ignored one would stay ignored."""
 
 
-def serve(sock: socket.socket, start: Start) -> None:
+def serve(sock: socket.socket, start: Start, settle: Callable[[], None] = lambda: None) -> None:
     """Take requests from superd on `sock` and start each handler with `start`, until superd
-    closes its end and every handler started has been reaped and reported."""
+    closes its end and every handler started has been reaped and reported. `settle` runs
+    before each batch of replies goes out."""
     clean_signal_inheritance()
     devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -46,7 +47,7 @@ def serve(sock: socket.socket, start: Start) -> None:
     sock_fd = sock.fileno()
     poller.register(sock_fd, select.EPOLLIN)
     poller.register(wake_r, select.EPOLLIN)
-    replies = Replies(sock)
+    replies = Replies(sock, settle)
     open_ = True
     while open_ or replies.children:
         events = poller.poll(0 if replies.waiting else -1)
@@ -77,8 +78,9 @@ class Replies:
     superd recognises by their connection (ProcessTable.adopt).
     """
 
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, settle: Callable[[], None]):
         self.sock: socket.socket | None = sock
+        self.settle = settle
         self.children: set[int] = set()
         self.items: list[Reply] = []
         self.waiting = False  # replies or exits not told yet
@@ -88,6 +90,7 @@ class Replies:
         self.waiting = True
 
     def send(self) -> None:
+        self.settle()
         while self.children:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -145,56 +148,66 @@ def _request(sock: socket.socket, devnull: int, replies: Replies, start: Start) 
     return True
 
 
-_home = ""  # the spawner's own cgroup directory, learnt before it first leaves it
+class Place:
+    """Where the spawner is in the cgroup tree. To start a handler it moves into the handler's
+    cgroup and forks there, so the child is born in it and nothing it starts can be outside.
+    It goes back to its own cgroup before superd hears of the handler (`settle`, as replies go
+    out), so a stretch of requests costs one move back instead of one each: superd acts on a
+    handler's cgroup (timeout, its exit) only once told of the handler, and by then the
+    spawner is home, neither counted as nor killed with a handler. Failing to go back, it
+    ends, and superd starts another."""
+
+    def __init__(self) -> None:
+        self.files = cgroups.OpenFiles("cgroup.procs", os.O_WRONLY)
+        self.home = ""  # the spawner's own cgroup directory, learnt before it first leaves it
+        self.away = False
+
+    def enter(self, cgroup: str) -> None:
+        self.home = self.home or cgroups.current()
+        self.away = True
+        cgroups.enter(cgroup, self.files)
+
+    def settle(self) -> None:
+        if self.away:
+            try:
+                cgroups.enter(self.home, self.files)
+            except OSError:
+                os._exit(1)
+            self.away = False
 
 
-def _enter(cgroup: str) -> None:
-    global _home
-    _home = _home or cgroups.current()
-    cgroups.move_self(cgroup)
-
-
-def _leave() -> None:
-    """Back to the cgroup the spawner started in: it must not count as, or die with, a
-    handler. Failing that it ends, and superd starts another."""
-    try:
-        cgroups.move_self(_home)
-    except OSError:
-        os._exit(1)
-
-
-def exec_handler(request: spawnproto.Request, fds: list[int],
-                 devnull: int) -> tuple[int, bytes | str | None]:
+def exec_handler(place: Place) -> Start:
     """The spawner's way: fork and exec the program (vfork where CPython can)."""
-    conn = fds[0]
-    stderr = fds[1] if request.stderr == "log" else (
-        conn if request.stderr == "socket" else devnull)
-    status_r, status_w = os.pipe2(os.O_CLOEXEC)
-    pid, failure = 0, None  # type: tuple[int, bytes | str | None]
-    step, moved = "fork", False
-    try:
-        if request.cgroup:  # the child is born in it: nothing it starts can be outside
-            step = f"cgroup {request.cgroup}"
-            _enter(request.cgroup)
-            moved = True
+    def start(request: spawnproto.Request, fds: list[int],
+              devnull: int) -> tuple[int, bytes | str | None]:
+        conn = fds[0]
+        stderr = fds[1] if request.stderr == "log" else (
+            conn if request.stderr == "socket" else devnull)
+        status_r, status_w = os.pipe2(os.O_CLOEXEC)
+        pid, failure = 0, None  # type: tuple[int, bytes | str | None]
         step = "fork"
-        pid = fork_exec(request.argv, request.program, env=request.env, stdin=conn,
-                        stdout=conn, stderr=stderr, errpipe=(status_r, status_w),
-                        new_session=True, cwd=request.cwd, gid=request.gid,
-                        groups=request.groups, uid=request.uid, umask=request.umask)
-    except (OSError, ValueError, TypeError) as e:
-        failure = f"{step}: {getattr(e, 'strerror', None) or e}"
-    finally:
-        os.close(status_w)
-        if moved:
-            _leave()
-    if pid:
-        failure = read_error(status_r)[:spawnproto.MAX_FAILURE] or None  # EOF: exec'd
-    os.close(status_r)
-    return pid, failure
+        try:
+            if request.cgroup:
+                step = f"cgroup {request.cgroup}"
+                place.enter(request.cgroup)
+            step = "fork"
+            pid = fork_exec(request.argv, request.program, env=request.env, stdin=conn,
+                            stdout=conn, stderr=stderr, errpipe=(status_r, status_w),
+                            new_session=True, cwd=request.cwd, gid=request.gid,
+                            groups=request.groups, uid=request.uid, umask=request.umask)
+        except (OSError, ValueError, TypeError) as e:
+            failure = f"{step}: {getattr(e, 'strerror', None) or e}"
+        finally:
+            os.close(status_w)
+        if pid:
+            failure = read_error(status_r)[:spawnproto.MAX_FAILURE] or None  # EOF: exec'd
+        os.close(status_r)
+        return pid, failure
+    return start
 
 
 if __name__ == "__main__":
     fd = int(sys.argv[1])
     os.closerange(3, fd)
-    serve(socket.socket(fileno=fd), exec_handler)
+    place = Place()
+    serve(socket.socket(fileno=fd), exec_handler(place), place.settle)

@@ -65,6 +65,11 @@ def test_the_mount_and_own_path_are_read_from_proc(tmp_path):
     assert cgroups.own_path(str(own)) is None
 
 
+def _freed(pool: cgroups.Cgroups, path: str) -> bool:
+    open(os.path.join(path, "cgroup.procs"), "w").close()
+    return pool.give_back(path)
+
+
 def test_the_pool_takes_back_only_empty_cgroups_and_forgets_gone_ones(tmp_path):
     """(Plain directories stand for cgroups: give_back reads only cgroup.procs.)"""
     pool = cgroups.Cgroups(str(tmp_path))
@@ -72,14 +77,34 @@ def test_the_pool_takes_back_only_empty_cgroups_and_forgets_gone_ones(tmp_path):
     assert [os.path.basename(p) for p in (a, b, c)] == ["h1", "h2", "h3"]
     with open(os.path.join(a, "cgroup.procs"), "w") as f:
         f.write("4242\n")
-    open(os.path.join(b, "cgroup.procs"), "w").close()
     assert pool.give_back(a) is False  # still holds a process: the caller watches it
-    assert pool.give_back(b) is True and pool.pool == [b]
+    assert _freed(pool, b) is True and pool.pool == [b]
     assert pool.give_back(c) is True and pool.pool == [b]  # no cgroup.procs: gone
-    os.remove(os.path.join(b, "cgroup.procs"))
-    os.rmdir(b)
-    assert pool.take() == os.path.join(str(tmp_path), "h4")  # the pooled one vanished
+    assert pool.take() == b  # unchecked: whoever enters it makes it again if it is gone
+    assert pool.take() == os.path.join(str(tmp_path), "h4")
     assert cgroups.Cgroups(str(tmp_path)).serial == 4  # an upgrade goes on counting
+
+
+def test_the_pool_keeps_what_a_burst_needed_and_lets_the_unused_go(tmp_path):
+    """A burst's cgroups are reused while bursts come (no mkdir per handler beyond POOL);
+    what no handler took for a whole survey round is removed, TRIM a round, oldest first,
+    down to POOL."""
+    pool = cgroups.Cgroups(str(tmp_path))
+    burst = [pool.take() for _ in range(cgroups.POOL + 100)]
+    assert all(_freed(pool, p) for p in burst)
+    assert len(pool.pool) == cgroups.POOL + 100
+    again = [pool.take() for _ in range(cgroups.POOL + 100)]
+    assert set(again) == set(burst) and pool.serial == cgroups.POOL + 100
+    assert all(_freed(pool, p) for p in again)
+    pool.trim()  # the round saw the pool empty: all of it was needed
+    assert len(pool.pool) == cgroups.POOL + 100
+    pool.take()
+    pool.trim()  # 99 beyond POOL stayed unused: TRIM of them go, the oldest freed first
+    assert len(pool.pool) == cgroups.POOL + 99 - cgroups.TRIM
+    assert pool.pool[-1] == again[-2] and again[-1] not in pool.pool
+    for _ in range(10):
+        pool.trim()
+    assert len(pool.pool) == cgroups.POOL and pool.excess() == 0
 
 
 def test_odd_names_in_superds_cgroup_are_not_its_own(tmp_path):
