@@ -203,12 +203,14 @@ def build() -> dict[str, str]:
 
 # -- configs ----------------------------------------------------------------------------------
 
-def superd_table(name: str, sink: str, bins: dict[str, str], log: bool) -> str:
+def superd_table(name: str, sink: str, bins: dict[str, str], log: bool,
+                 cgroups: bool = True) -> str:
     ports = PORTS[name]
     lines = ["settings:",
              f"  syslog: {{address: {sink}, facility: daemon, ident: superd}}",
              f"  control_socket: {tmp}/{name}.sock",
-             "  max_children: 1000"]
+             "  max_children: 1000",
+             f"  cgroups: {'auto' if cgroups else 'no'}"]
     if not log:
         lines += ["defaults:", "  log_on_success: []", "  log_on_failure: []"]
     lines += ["services:",
@@ -292,7 +294,8 @@ def client(bins: dict[str, str], port: int, conc: int, udp: bool = False,
 def start_servers(bins: dict[str, str], sink: str) -> dict[str, subprocess.Popen]:
     servers = {}
     for name in SUPERDS:
-        table = superd_table(name, sink, bins, log=(name == "superd"))
+        table = superd_table(name, sink, bins, log=(name != "superd_nolog"),
+                             cgroups=(name != "superd_nocg"))
         servers[name] = start(name, [SUPERD, "run", "-c", table])
     servers["xinetd"] = start("xinetd", ["xinetd", "-dontfork", "-f", xinetd_conf(bins),
                                          "-pidfile", os.path.join(tmp, "xinetd.pid")])
@@ -314,6 +317,16 @@ def start_servers(bins: dict[str, str], sink: str) -> dict[str, subprocess.Popen
                 else next(iter(PORTS[name].values())))
         wait_tcp(port, p)
     return servers
+
+
+def cgroups_state() -> str:
+    """What `superd status` says of cgroups for the superd measured (on, or off and why)."""
+    r = subprocess.run([SUPERD, "status", "--json", "-c", os.path.join(tmp, "superd.yaml")],
+                       capture_output=True, text=True, timeout=30)
+    try:
+        return str(json.loads(r.stdout).get("cgroups", "unknown"))
+    except ValueError:
+        return f"unknown ({r.stderr.strip()[:200]})"
 
 
 def server_up(servers: dict[str, subprocess.Popen], name: str, service: str) -> bool:
@@ -498,10 +511,11 @@ def main() -> int:
             if os.path.exists(sink_path):
                 break
             time.sleep(0.02)
-        say("bench: starting superd (log on, log off), xinetd, OpenBSD inetd, tcpserver, "
-            "C epoll")
+        say("bench: starting superd (log on, log off, cgroups off), xinetd, OpenBSD inetd, "
+            "tcpserver, C epoll")
         servers = start_servers(bins, sink_path)
         data["superd_fds_at_start"] = proc_status(servers["superd"].pid)["fds"]
+        data["cgroups"] = cgroups_state()
         say("bench: load generator capacity (client against the C epoll server)")
         data["loader"] = loader_capacity(bins)
         say("bench: scenarios")

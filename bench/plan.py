@@ -21,18 +21,20 @@ PORTS = {
     "obsd": {"cat": 5030, "tiny": 5031, "echo": 7},  # inetd's internal services: their own port
     "tcpserver": {"cat": 5040, "tiny": 5041},
     "c_epoll": {"echo": 5050},
+    "superd_nocg": {"cat": 5060, "tiny": 5061, "echo": 5062, "py": 5063},
 }
 LISTENER_SETS = {1: 6000, 100: 6100, 1000: 7000}
 
 LABEL = {"superd": "superd", "superd_nolog": "superd (log off)", "xinetd": "xinetd",
-         "obsd": "OpenBSD inetd", "tcpserver": "tcpserver", "c_epoll": "C epoll (reference)"}
+         "obsd": "OpenBSD inetd", "tcpserver": "tcpserver", "c_epoll": "C epoll (reference)",
+         "superd_nocg": "superd (cgroups off)"}
 
 # (key, title, protocol, service, servers); a server is superd, a peer, or the C reference.
 SCENARIOS = [
     ("exec_cat", "exec /bin/cat", "tcp", "cat",
-     ["superd", "superd_nolog", "xinetd", "obsd", "tcpserver"]),
+     ["superd", "superd_nolog", "superd_nocg", "xinetd", "obsd", "tcpserver"]),
     ("exec_tiny", "exec a tiny compiled handler", "tcp", "tiny",
-     ["superd", "superd_nolog", "xinetd", "obsd", "tcpserver"]),
+     ["superd", "superd_nolog", "superd_nocg", "xinetd", "obsd", "tcpserver"]),
     ("tcp_echo", "internal TCP echo", "tcp", "echo",
      ["superd", "superd_nolog", "xinetd", "obsd", "c_epoll"]),
     ("udp_echo", "internal UDP echo (datagrams/s)", "udp", "echo",
@@ -40,5 +42,7 @@ SCENARIOS = [
     ("python", "python handler: superd forks it, xinetd execs it as a script", "tcp", "py",
      ["superd", "superd_nolog", "xinetd"]),
 ]
-SUPERDS = ("superd", "superd_nolog")
+# superd_nocg is superd with `cgroups: no` (logging on, as superd): what a cgroup per handler
+# costs, measured beside it in the same run (where the machine lets superd use cgroups).
+SUPERDS = ("superd", "superd_nolog", "superd_nocg")
 REFERENCE = "c_epoll"

@@ -69,7 +69,7 @@ def goals(data: dict) -> list[dict]:
                 goal(f"{name}, c={conc}: {LABEL[sd]} / best peer",
                      ratio(pick(data, scen, sd, conc), best_peer(data, scen, conc)), 1.0)
     for conc in (8, 64):
-        for sd in SUPERDS:
+        for sd in ("superd", "superd_nolog"):
             goal(f"internal TCP echo, c={conc}: {LABEL[sd]} / C epoll",
                  ratio(pick(data, "tcp_echo", sd, conc), pick(data, "tcp_echo", REFERENCE, conc)),
                  0.95)
@@ -233,6 +233,9 @@ def header(data: dict) -> list[str]:
         "`cps = 1000000 1`, NOLIBWRAP; OpenBSD inetd `-R 100000000` and `nowait.100000000`; "
         "tcpserver `-c 100000 -b 128 -HRl0`. busybox inetd is not in Debian's busybox build, "
         "so it is not measured.",
+        "- **superd (cgroups off)** = superd with `cgroups: no` (logging on): the row "
+        "\"superd / superd (cgroups off)\" is what a cgroup per handler costs. For superd, "
+        f"`superd status` said: cgroups {data.get('cgroups', 'unknown')}.",
         ""]
 
 
@@ -279,6 +282,10 @@ def scenario_section(data: dict, key: str, title: str, names: list[str]) -> list
             out.append(f"| {LABEL[sd]} / C epoll | " + " | ".join(
                 fmt_x(ratio(pick(data, key, sd, c), pick(data, key, REFERENCE, c)))
                 for c in CONCS) + " |")
+    if "superd_nocg" in names:
+        out.append("| superd / superd (cgroups off) | " + " | ".join(
+            fmt_x(ratio(pick(data, key, "superd", c), pick(data, key, "superd_nocg", c)))
+            for c in CONCS) + " |")
     bp = [best_peer(data, key, c) for c in CONCS]
     out += ["| best peer | " + " | ".join(LABEL[r["server"]] if r else "–" for r in bp)
             + " |", ""]
