@@ -13,10 +13,9 @@ make a cgroup of its own in there, or write cgroup.kill.
 A handler is put in its cgroup by whoever forks it, before it runs a line of its own: a
 spawner moves itself in, forks, and moves back before superd hears of the handler; a
 Python-forked child moves itself in first thing. What this costs per connection is kept
-small, as each cgroup file operation costs about as much as a short syscall's worth of Python:
-empty cgroups are pooled (a mkdir and an rmdir cost more than a list pop), and the
-cgroup.procs files of recently used cgroups are kept open (an open costs as much as the read
-or write it is for). bench/README.md says what is left.
+small: empty cgroups are pooled (a mkdir and an rmdir cost more than a list pop), and a
+spawner keeps the cgroup.procs files of recently used cgroups open (an open costs as much as
+the write it is for). bench/analysis.md says what is left.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ from typing import TypeVar
 POOL = 64  # empty cgroups always kept for reuse
 POOL_MAX = 1024  # at most, after a burst; what no handler needed for a survey round goes
 TRIM = 32  # cgroups removed at most per survey round (an rmdir costs about 60 us)
-KEEP_OPEN = 128  # cgroups whose cgroup.procs a process keeps open (OpenFiles)
+KEEP_OPEN = 128  # cgroups whose cgroup.procs a spawner keeps open (OpenFiles)
 HANDLER = re.compile(r"h[0-9]{1,9}")  # a handler's cgroup, in superd's
 SUPERD = re.compile(r"superd-([0-9]{1,9})-([0-9]{1,20})")  # a superd's, in its own cgroup
 SYSTEMD_INIT = "/run/systemd/system"
@@ -114,10 +113,12 @@ def current() -> str:
 
 
 class OpenFiles:
-    """One file (`name`) of each of the last KEEP_OPEN cgroups used, kept open: opening a
-    cgroup file costs as much as the read or write it is for, and cgroups are reused (the
-    pool). A kept fd of a cgroup removed since fails (ENODEV), and the path is opened afresh:
-    a cgroup made again under the same name is the new one, and a gone one says so."""
+    """One file (`name`) of each of the last KEEP_OPEN cgroups used, kept open by a spawner,
+    which moves twice per handler: opening a cgroup file costs as much as the write it is for,
+    and cgroups are reused (the pool). superd itself keeps none: its fds are what its session
+    and accept limits are sized from. A kept fd of a cgroup removed since fails (ENODEV), and
+    the path is opened afresh: a cgroup made again under the same name is the new one, and a
+    gone one says so."""
 
     def __init__(self, name: str, flags: int):
         self.name, self.flags = name, flags | os.O_CLOEXEC
@@ -246,7 +247,6 @@ class Cgroups:
         self.pool: list[str] = []  # the most recently freed last: taken first
         self.low = 0  # the pool's smallest size since the last trim
         self.serial = 0
-        self.files = OpenFiles("cgroup.procs", os.O_RDONLY)
         for name in _listdir(base):  # an upgrade: the earlier superd's ones
             if HANDLER.fullmatch(name):
                 self.serial = max(self.serial, int(name[1:]))
@@ -278,19 +278,12 @@ class Cgroups:
         _mkdir(path)
         return path
 
-    def procs(self, path: str) -> list[int] | None:
-        """procs(path), through a kept fd."""
-        try:
-            return self.files.use(path, _read_procs)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-
     def give_back(self, path: str) -> bool:
         """`path` is no longer a handler's: kept for the next, removed, or gone (True); or it
         still holds processes, or cannot be read now, and the caller goes on watching it
         (False)."""
         try:
-            pids = self.procs(path)
+            pids = procs(path)
         except (OSError, ValueError):
             return False
         if pids:
@@ -298,7 +291,7 @@ class Cgroups:
         if pids is not None and len(self.pool) < POOL_MAX:
             self.pool.append(path)
         else:
-            self._remove(path)
+            _rmdir(path)
         return True
 
     def excess(self) -> int:
@@ -310,13 +303,9 @@ class Cgroups:
         handler took since the last round (the oldest freed)."""
         n = min(max(0, min(self.low, len(self.pool)) - POOL), TRIM)
         for path in self.pool[:n]:
-            self._remove(path)
+            _rmdir(path)
         del self.pool[:n]
         self.low = len(self.pool)
-
-    def _remove(self, path: str) -> None:
-        self.files.forget(path)
-        _rmdir(path)
 
     def known(self) -> list[str]:
         """Every handler cgroup there is, in use or not."""
@@ -325,8 +314,6 @@ class Cgroups:
     def remove(self) -> None:
         """superd stops: remove every empty cgroup, and its own if that leaves it empty."""
         self.pool.clear()
-        for path in list(self.files.fds):
-            self.files.forget(path)
         _remove_tree(self.base)
 
 

@@ -178,10 +178,9 @@ class Remains:
         """Count, end at their deadline, free the empty ones. Returns every process found."""
         found: set[int] = set()
         count = 0
-        read = self.cgroups.procs if self.cgroups is not None else cgroups.procs
         for pid, path in running:
             try:
-                pids = (read(path) or []) if path else []
+                pids = (cgroups.procs(path) or []) if path else []
             except (OSError, ValueError):
                 continue  # (EMFILE, say: counted at the next survey)
             found.update(pids)
@@ -191,7 +190,7 @@ class Remains:
                 del self.lingering[path]  # empty now, or gone
                 continue
             try:
-                pids = read(path) or []
+                pids = cgroups.procs(path) or []
             except (OSError, ValueError):
                 continue
             found.update(pids)
