@@ -130,12 +130,16 @@ class OpenFiles:
         if fd is not None:
             try:
                 result = op(fd)
-                self.fds[path] = fd
-                return result
             except OSError as e:
                 os.close(fd)
                 if e.errno != errno.ENODEV:
                     raise
+            except BaseException:
+                os.close(fd)
+                raise
+            else:
+                self.fds[path] = fd
+                return result
         fd = os.open(os.path.join(path, self.name), self.flags)
         try:
             result = op(fd)
@@ -154,19 +158,22 @@ class OpenFiles:
 
 
 def enter(path: str, procs_files: OpenFiles | None = None) -> None:
-    """Move the calling process into the cgroup `path` (OSError if it cannot). One root
-    removed from superd's pool is made again: superd hands out pooled cgroups unchecked."""
+    """Move the calling process into the handler cgroup `path` (OSError if it cannot). One
+    root removed from superd's pool is made again, and superd's superd-PID-TICKS above it if
+    that went too: superd hands out pooled cgroups unchecked."""
     files = procs_files or OpenFiles("cgroup.procs", os.O_WRONLY)
     try:
-        files.use(path, _join)
+        files.use(path, join)
     except FileNotFoundError:
+        _mkdir(os.path.dirname(path), exist_ok=True)
         _mkdir(path, exist_ok=True)
-        files.use(path, _join)
+        files.use(path, join)
     if procs_files is None:
         files.forget(path)
 
 
-def _join(fd: int) -> None:
+def join(fd: int) -> None:
+    """Move the calling process into the cgroup whose cgroup.procs `fd` is open for writing."""
     os.write(fd, b"0")
 
 
@@ -290,6 +297,8 @@ class Cgroups:
             return False
         if pids is not None and len(self.pool) < POOL_MAX:
             self.pool.append(path)
+        elif pids is None and not os.path.isdir(self.base):
+            self.pool.clear()  # root removed the whole tree: none of them is there to enter
         else:
             _rmdir(path)
         return True

@@ -225,8 +225,11 @@ class Remains:
         for item in state.get("lingering", ()):
             self.lingering[item["cgroup"]] = Lingering(*back(item))
         paths = [p for p in [*held, *self.lingering] if p]
-        if self.cgroups is None and paths:  # (cgroups off now: still watched to the end)
-            self.cgroups = cgroups.Cgroups(os.path.dirname(paths[0]))
+        own = cgroups.current()
+        base = os.path.dirname(paths[0]) if paths else own and os.path.join(
+            own, f"superd-{os.getpid()}-{proctree.start_ticks('self') or 0}")
+        if self.cgroups is None and base and os.path.isdir(base):
+            self.cgroups = cgroups.Cgroups(base)  # (cgroups off now: watched, removed at exit)
         for path in self.cgroups.known() if self.cgroups is not None else ():
             if path not in held and path not in self.lingering:
                 self.vacate(path, None, None)

@@ -14,6 +14,7 @@ and are reaped and logged as usual.
 from __future__ import annotations
 
 import array
+import errno
 import os
 import select
 import signal
@@ -150,27 +151,32 @@ def _request(sock: socket.socket, devnull: int, replies: Replies, start: Start) 
 
 class Place:
     """Where the spawner is in the cgroup tree. To start a handler it moves into the handler's
-    cgroup and forks there, so the child is born in it and nothing it starts can be outside.
-    It goes back to its own cgroup before superd hears of the handler (`settle`, as replies go
-    out), so a stretch of requests costs one move back instead of one each: superd acts on a
-    handler's cgroup (timeout, its exit) only once told of the handler, and by then the
-    spawner is home, neither counted as nor killed with a handler. Failing to go back, it
-    ends, and superd starts another."""
+    cgroup and forks there, so the child is born in it and nothing it starts can be outside;
+    a handler without a cgroup is forked at home. It goes back to its own cgroup before
+    superd hears of the handler (`settle`, as replies go out), so a stretch of requests costs
+    one move back instead of one each: superd acts on a handler's cgroup (timeout, its exit)
+    only once told of the handler, and by then the spawner is home, neither counted as nor
+    killed with a handler. Failing to go back, it ends, and superd starts another."""
 
     def __init__(self) -> None:
         self.files = cgroups.OpenFiles("cgroup.procs", os.O_WRONLY)
-        self.home = ""  # the spawner's own cgroup directory, learnt before it first leaves it
+        self.home = cgroups.current()  # learnt at the start, in superd's cgroup, and only then
         self.away = False
 
     def enter(self, cgroup: str) -> None:
-        self.home = self.home or cgroups.current()
+        """Into `cgroup`, or home for "" (OSError if it cannot)."""
+        if not cgroup:
+            self.settle()
+            return
+        if not self.home:  # it could not come back
+            raise OSError(errno.ENOENT, "the spawner's own cgroup is unknown")
         self.away = True
         cgroups.enter(cgroup, self.files)
 
     def settle(self) -> None:
         if self.away:
             try:
-                cgroups.enter(self.home, self.files)
+                self.files.use(self.home, cgroups.join)
             except OSError:
                 os._exit(1)
             self.away = False
@@ -185,11 +191,9 @@ def exec_handler(place: Place) -> Start:
             conn if request.stderr == "socket" else devnull)
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
         pid, failure = 0, None  # type: tuple[int, bytes | str | None]
-        step = "fork"
+        step = f"cgroup {request.cgroup}"
         try:
-            if request.cgroup:
-                step = f"cgroup {request.cgroup}"
-                place.enter(request.cgroup)
+            place.enter(request.cgroup)
             step = "fork"
             pid = fork_exec(request.argv, request.program, env=request.env, stdin=conn,
                             stdout=conn, stderr=stderr, errpipe=(status_r, status_w),

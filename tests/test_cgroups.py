@@ -9,6 +9,7 @@ it can, and that is pinned too.
 
 from __future__ import annotations
 
+import array
 import os
 import re
 import signal
@@ -22,7 +23,7 @@ import superd_testlib as lib
 from superd_testlib import free_port, write_script
 
 sys.path.insert(0, str(lib.REPO))
-from superd import cgroups  # noqa: E402
+from superd import cgroups, spawnproto  # noqa: E402
 
 HERE = cgroups.decide("auto")  # what this machine allows superd (root, a writable cgroup v2)
 needs_cgroups = pytest.mark.skipif(not HERE.own, reason=f"cgroups {HERE.reason}")
@@ -380,3 +381,98 @@ def test_a_bursts_cgroups_are_reused_and_then_let_go(new_daemon, tmp_path):
         return [x for x in os.listdir(_base(d.pid)) if x.startswith("h")]
     assert len(empty()) > cgroups.POOL
     lib.wait_until(lambda: len(empty()) == cgroups.POOL, 20, "the unused cgroups removed")
+
+
+@needs_cgroups
+def test_a_spawner_forks_a_handler_without_a_cgroup_at_home(tmp_path):
+    """A spawner goes home only before its replies go out, so a request without a cgroup
+    (after a reload to `cgroups: no`, or when none could be made) that came right after one
+    with a cgroup was forked in that handler's cgroup: counted with it, killed at its
+    timeout. The real spawner, two requests back to back (one stretch)."""
+    scratch = os.path.join(HERE.own, f"spawner-test-{os.getpid()}")
+    os.makedirs(os.path.join(scratch, "h1"))
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    spawner = subprocess.Popen([sys.executable, "-S", "-E", "-s",
+                                str(lib.REPO / "superd" / "spawner.py"), str(theirs.fileno())],
+                               pass_fds=(theirs.fileno(),))
+    theirs.close()
+    conns = []
+    started: dict[int, int] = {}
+    try:
+        for token, where in ((1, os.path.join(scratch, "h1")), (2, "")):
+            a, b = socket.socketpair()
+            conns += [a, b]
+            request = spawnproto.Request(token, "null", (b"/bin/sleep", b"30"), (b"/bin/sleep",),
+                                         [], "/", None, None, None, -1, where)
+            ours.sendmsg([spawnproto.encode_request(request)],
+                         [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                           array.array("i", [a.fileno()]).tobytes())])
+        ours.settimeout(10)
+        while len(started) < 2:
+            for reply in spawnproto.decode_replies(ours.recv(spawnproto.MAX_REPLY)):
+                if isinstance(reply, spawnproto.Started):
+                    assert reply.pid, reply.failure
+                    started[reply.token] = reply.pid
+        home = _cgroup_of(os.getpid())
+        assert _cgroup_of(started[1]).endswith(f"/spawner-test-{os.getpid()}/h1")
+        assert _cgroup_of(started[2]) == home
+        assert _cgroup_of(spawner.pid) == home
+    finally:
+        for pid in started.values():
+            os.kill(pid, signal.SIGKILL)  # (the spawner's children: it reaps them)
+        ours.close()
+        spawner.wait(10)
+        for c in conns:
+            c.close()
+        lib.wait_until(lambda: cgroups.procs(os.path.join(scratch, "h1")) == [], 5, "h1 empty")
+        os.rmdir(os.path.join(scratch, "h1"))
+        os.rmdir(scratch)
+
+
+@needs_cgroups
+def test_cgroups_root_removed_altogether_are_made_again(new_daemon, tmp_path):
+    """Pooled cgroups are handed out unlooked-at; with superd's whole tree removed (every
+    hN, then superd-PID-TICKS), each was refused in turn, up to the whole pool."""
+    port = free_port()
+    d = new_daemon()
+    script = write_script(tmp_path / "where",
+                          "#!/bin/sh\ngrep ^0:: /proc/self/cgroup\nexec cat >/dev/null\n")
+    d.start({"where": {"listen": f"127.0.0.1:{port}", "exec": [str(script)]}})
+    conns = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(3)]
+    first = {_line(c) for c in conns}
+    for c in conns:
+        c.close()
+    lib.wait_until(lambda: lib.status(d)["running"] == 0, 10, "the handlers gone")
+    base = _base(d.pid)
+    lib.wait_until(lambda: all(cgroups.procs(os.path.join(base, n)) == []
+                               for n in os.listdir(base) if n.startswith("h")), 5, "empty")
+    for name in os.listdir(base):
+        if name.startswith("h"):
+            os.rmdir(os.path.join(base, name))
+    os.rmdir(base)
+    again = []
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+            again.append(_line(c))
+    assert set(again) <= first, again
+    assert oct(os.stat(base).st_mode & 0o7777) == "0o755"
+
+
+@needs_cgroups
+def test_an_upgrade_to_cgroups_no_still_removes_them_at_the_end(new_daemon, tmp_path):
+    """Upgraded to a table with `cgroups: no` while no handler ran, superd forgot its
+    pooled cgroups: they stayed in the tree after it exited."""
+    port = free_port()
+    d = new_daemon()
+    services = {"true": {"listen": f"127.0.0.1:{port}", "exec": ["/bin/true"]}}
+    d.start(services)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+        lib.recv_until_eof(c, 5)
+    d.wait_log(r"^EXIT: true status=0 ")
+    base = _base(d.pid)
+    assert [n for n in os.listdir(base) if n.startswith("h")]
+    d.write_table(services, settings={"cgroups": "no"})
+    _upgrade(d)
+    assert lib.status(d)["cgroups"] == "off (settings: cgroups: no)"
+    assert d.stop() == 0
+    assert not os.path.exists(base)

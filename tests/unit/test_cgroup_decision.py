@@ -113,3 +113,16 @@ def test_odd_names_in_superds_cgroup_are_not_its_own(tmp_path):
     pool = cgroups.Cgroups(str(tmp_path))
     assert pool.serial == 1
     assert pool.known() == [os.path.join(str(tmp_path), "h1")]
+
+
+def test_a_spawner_that_does_not_know_its_own_cgroup_never_leaves_it(monkeypatch):
+    """A spawner learnt its home on its first move, from wherever it was then: failing to
+    read it once, it learnt a handler's cgroup as home on the next, and stayed there."""
+    from superd import spawner
+    monkeypatch.setattr(cgroups, "current", lambda: "")
+    place = spawner.Place()
+    with pytest.raises(OSError, match="own cgroup is unknown"):
+        place.enter("/sys/fs/cgroup/superd-1-1/h1")
+    assert not place.away
+    place.enter("")  # a handler without a cgroup is forked at home, as ever
+    assert not place.away
