@@ -263,7 +263,10 @@ class PacketEcho(Session):
         for _ in range(READS_PER_TURN):
             if not self._may_read():
                 break
-            data = self.sock.recv(PACKET)
+            try:
+                data = self.sock.recv(PACKET)
+            except BlockingIOError:  # (not raised on: what was read must still be sent)
+                break
             if not data:
                 self.eof = True
                 break

@@ -271,6 +271,23 @@ def test_vsock_client_through_the_loopback_cid(superd, probe):
         "VSOCK", "vsock:1", "1"), got
 
 
+def test_seqpacket_echo_answers_messages_sent_after_the_accept(new_daemon, shared_dir):
+    """Messages that came after superd had accepted (and read nothing yet) were read, and
+    the recv that found no more raised out of the read before they were sent back: the
+    echo waited for the next message (a CI run timed out on the test below)."""
+    path = str(shared_dir / "late.sock")
+    d = new_daemon().start({"sp": {"listen": path, "protocol": "unix-seqpacket",
+                                   "internal": "echo"}})
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as c:
+        c.settimeout(5)
+        c.connect(path)
+        d.wait_log(r"^START: sp pid=0 ")
+        lib.wait_until(lambda: lib.status(d)["services"]["sp"]["active"] == 1, 5, "accepted")
+        c.send(b"a")
+        c.send(b"b")
+        assert [c.recv(10), c.recv(10)] == [b"a", b"b"]
+
+
 def test_a_seqpacket_socket_passed_by_systemd(new_daemon, shared_dir):
     """Socket activation of a ListenSequentialPacket= socket: superd takes it as the
     unix-seqpacket socket it is (message echo), and leaves its file alone."""
