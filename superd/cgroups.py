@@ -26,17 +26,15 @@ import re
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
 
 POOL = 64  # empty cgroups always kept for reuse
 POOL_MAX = 1024  # at most, after a burst; what no handler needed for a survey round goes
 TRIM = 32  # cgroups removed at most per survey round (an rmdir costs about 60 us)
-KEEP_OPEN = 128  # cgroups whose cgroup.procs a spawner keeps open (OpenFiles)
+KEEP_OPEN = 128  # cgroups whose cgroup.procs a spawner keeps open (Mover)
 HANDLER = re.compile(r"h[0-9]{1,9}")  # a handler's cgroup, in superd's
 SUPERD = re.compile(r"superd-([0-9]{1,9})-([0-9]{1,20})")  # a superd's, in its own cgroup
 SYSTEMD_INIT = "/run/systemd/system"
 DELEGATE_XATTRS = ("trusted.delegate", "user.delegate")
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -112,76 +110,67 @@ def current() -> str:
     return os.path.join(mount, own.lstrip("/")) if mount and own is not None else ""
 
 
-class OpenFiles:
-    """One file (`name`) of each of the last KEEP_OPEN cgroups used, kept open by a spawner,
-    which moves twice per handler: opening a cgroup file costs as much as the write it is for,
-    and cgroups are reused (the pool). superd itself keeps none: its fds are what its session
-    and accept limits are sized from. A kept fd of a cgroup removed since fails (ENODEV), and
-    the path is opened afresh: a cgroup made again under the same name is the new one, and a
-    gone one says so."""
+class Mover:
+    """Moves the calling process into cgroups, keeping cgroup.procs of the last KEEP_OPEN
+    open: a spawner moves twice per handler, opening the file costs as much as the write it
+    is for, and cgroups are reused (the pool). superd itself keeps none: its fds are what its
+    session and accept limits are sized from. A kept fd of a cgroup removed since fails
+    (ENODEV), and the path is opened afresh: a cgroup made again under the same name is the
+    new one, and a gone one says so (FileNotFoundError)."""
 
-    def __init__(self, name: str, flags: int):
-        self.name, self.flags = name, flags | os.O_CLOEXEC
+    def __init__(self) -> None:
         self.fds: dict[str, int] = {}  # least recently used first
 
-    def use(self, path: str, op: Callable[[int], T]) -> T:
-        """op(fd of `path`'s file): OSError as the kernel says (FileNotFoundError: gone)."""
+    def move(self, path: str) -> None:
+        """Into the cgroup directory `path` (OSError if it cannot)."""
         fd = self.fds.pop(path, None)
         if fd is not None:
             try:
-                result = op(fd)
+                os.write(fd, b"0")
             except OSError as e:
                 os.close(fd)
                 if e.errno != errno.ENODEV:
                     raise
-            except BaseException:
-                os.close(fd)
-                raise
             else:
                 self.fds[path] = fd
-                return result
-        fd = os.open(os.path.join(path, self.name), self.flags)
+                return
+        fd = os.open(os.path.join(path, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC)
         try:
-            result = op(fd)
-        except BaseException:
+            os.write(fd, b"0")
+        except OSError:
             os.close(fd)
             raise
         self.fds[path] = fd
         while len(self.fds) > KEEP_OPEN:
             os.close(self.fds.pop(next(iter(self.fds))))
-        return result
 
-    def forget(self, path: str) -> None:
-        fd = self.fds.pop(path, None)
-        if fd is not None:
+    def close(self) -> None:
+        for fd in self.fds.values():
             os.close(fd)
+        self.fds.clear()
 
 
-def enter(path: str, procs_files: OpenFiles | None = None) -> None:
+def enter(path: str, mover: Mover | None = None) -> None:
     """Move the calling process into the handler cgroup `path` (OSError if it cannot). One
     root removed from superd's pool is made again, and superd's superd-PID-TICKS above it if
-    that went too: superd hands out pooled cgroups unchecked."""
-    files = procs_files or OpenFiles("cgroup.procs", os.O_WRONLY)
+    that went too: superd hands out pooled cgroups unchecked. Without a `mover` (a child that
+    moves once), no fd is left open."""
+    once = mover or Mover()
     try:
-        files.use(path, join)
-    except FileNotFoundError:
-        _mkdir(os.path.dirname(path), exist_ok=True)
-        _mkdir(path, exist_ok=True)
-        files.use(path, join)
-    if procs_files is None:
-        files.forget(path)
+        try:
+            once.move(path)
+        except FileNotFoundError:
+            _mkdir(os.path.dirname(path), exist_ok=True)
+            _mkdir(path, exist_ok=True)
+            once.move(path)
+    finally:
+        if mover is None:
+            once.close()
 
 
-def join(fd: int) -> None:
-    """Move the calling process into the cgroup whose cgroup.procs `fd` is open for writing."""
-    os.write(fd, b"0")
-
-
-def _read_procs(fd: int) -> list[int]:
-    data = b""
-    while chunk := os.pread(fd, 65536, len(data)):
-        data += chunk
-    return [int(x) for x in data.split()]
+def base_of(own: str, pid: int, ticks: int) -> str:
+    """superd's handler cgroups: superd-PID-TICKS under its own cgroup `own`."""
+    return os.path.join(own, f"superd-{pid}-{ticks}")
 
 
 def procs(path: str) -> list[int] | None:
@@ -192,7 +181,10 @@ def procs(path: str) -> list[int] | None:
     except (FileNotFoundError, NotADirectoryError):
         return None
     try:
-        return _read_procs(fd)
+        data = b""
+        while chunk := os.read(fd, 65536):
+            data += chunk
+        return [int(x) for x in data.split()]
     except OSError as e:
         if e.errno == errno.ENODEV:  # removed while open
             return None
@@ -269,7 +261,7 @@ class Cgroups:
             m = SUPERD.fullmatch(name)
             if m and started(int(m[1])) != int(m[2]):
                 _remove_tree(os.path.join(own, name))
-        base = os.path.join(own, f"superd-{pid}-{ticks}")
+        base = base_of(own, pid, ticks)
         _mkdir(base, exist_ok=True)
         return cls(base)
 

@@ -226,8 +226,8 @@ class Remains:
             self.lingering[item["cgroup"]] = Lingering(*back(item))
         paths = [p for p in [*held, *self.lingering] if p]
         own = cgroups.current()
-        base = os.path.dirname(paths[0]) if paths else own and os.path.join(
-            own, f"superd-{os.getpid()}-{proctree.start_ticks('self') or 0}")
+        base = os.path.dirname(paths[0]) if paths else own and cgroups.base_of(
+            own, os.getpid(), proctree.start_ticks("self") or 0)
         if self.cgroups is None and base and os.path.isdir(base):
             self.cgroups = cgroups.Cgroups(base)  # (cgroups off now: watched, removed at exit)
         for path in self.cgroups.known() if self.cgroups is not None else ():

@@ -159,7 +159,7 @@ class Place:
     killed with a handler. Failing to go back, it ends, and superd starts another."""
 
     def __init__(self) -> None:
-        self.files = cgroups.OpenFiles("cgroup.procs", os.O_WRONLY)
+        self.mover = cgroups.Mover()
         self.home = cgroups.current()  # learnt at the start, in superd's cgroup, and only then
         self.away = False
 
@@ -171,12 +171,12 @@ class Place:
         if not self.home:  # it could not come back
             raise OSError(errno.ENOENT, "the spawner's own cgroup is unknown")
         self.away = True
-        cgroups.enter(cgroup, self.files)
+        cgroups.enter(cgroup, self.mover)
 
     def settle(self) -> None:
         if self.away:
             try:
-                self.files.use(self.home, cgroups.join)
+                self.mover.move(self.home)  # (never made again: superd lives there)
             except OSError:
                 os._exit(1)
             self.away = False

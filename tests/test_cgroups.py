@@ -51,7 +51,7 @@ def _sleeps(d: lib.Superd) -> list[int]:
 
 def _base(pid: int) -> str:
     """superd's own cgroups: superd-PID-TICKS (its pid and start time)."""
-    return os.path.join(HERE.own, f"superd-{pid}-{lib.start_ticks(pid)}")
+    return cgroups.base_of(HERE.own, pid, lib.start_ticks(pid) or 0)
 
 
 def _cgroup_of(pid: int) -> str:
