@@ -625,6 +625,10 @@ class Superd:
     # argv run in front of `python -m superd` (a program that execs the rest, keeping the pid:
     # dns_lib.private_etc runs superd in a mount namespace of its own)
     prefix: list[str] = field(default_factory=list)
+    # the interpreter and the source folder superd runs from (`python -m superd`, in there):
+    # another user's superd needs both where that user may read them (test_nonroot.py)
+    python: str = PY
+    source: Path = REPO
 
     def __post_init__(self):
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -687,7 +691,7 @@ class Superd:
         if services is not None or text is not None:
             self.write_table(services, text=text, settings=settings, defaults=defaults)
         prefix = list(prefix) or self.prefix
-        argv = [*prefix, PY, "-m", "superd", "run", "-c", str(self.table)]
+        argv = [*prefix, self.python, "-m", "superd", "run", "-c", str(self.table)]
         if prefix:
             argv[0] = shutil.which(argv[0]) or argv[0]
         copies = [high_fd(sock) for _, sock in passed]
@@ -723,7 +727,7 @@ class Superd:
         self.close_output()
         self._out = open(self.stdout_path, "wb")
         self._err = open(self.stderr_path, "wb")
-        self.proc = subprocess.Popen(argv, cwd=REPO, env=full_env, stdin=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(argv, cwd=self.source, env=full_env, stdin=subprocess.DEVNULL,
                                      stdout=self._out, stderr=self._err, pass_fds=pass_fds,
                                      start_new_session=True)
         self.started_ticks = start_ticks(self.proc.pid) or 0

@@ -15,6 +15,9 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import reliability_lib as rl
@@ -30,11 +33,33 @@ AS_NOBODY = ["setpriv", f"--reuid={rl.nobody().pw_uid}", f"--regid={rl.nobody().
 BIND_CAP = ["--inh-caps=+net_bind_service", "--ambient-caps=+net_bind_service"]
 
 
+@pytest.fixture(scope="module")
+def runnable() -> Iterator[tuple[str, Path]]:
+    """The interpreter and source folder nobody can run superd from: this checkout's, or, in a
+    checkout nobody may enter (a clone in a `mktemp -d` folder, 0700), a copy of the package
+    in a world-readable folder, run by the interpreter the venv was made from (superd's
+    dependencies are Debian's, .ci/setup)."""
+    probe = subprocess.run([*AS_NOBODY, PY, "-c", "import superd"], cwd=REPO,
+                           capture_output=True)
+    if probe.returncode == 0:
+        yield PY, REPO
+        return
+    folder = rl.world_dir("superd-nonroot-src-")
+    try:
+        shutil.copytree(REPO / "superd", folder / "superd",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        yield getattr(sys, "_base_executable", PY), folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def daemon(request, prefix: list[str]) -> lib.Superd:
     """A superd whose folder nobody may use: its table, and a private folder of nobody's for
     the control socket (tmp_path is root's, 0700)."""
     folder = rl.world_dir("superd-nonroot-")
-    d = lib.Superd(folder / "d", None, request.node.nodeid, prefix=[*prefix, "--"])
+    python, source = request.getfixturevalue("runnable")
+    d = lib.Superd(folder / "d", None, request.node.nodeid, prefix=[*prefix, "--"],
+                   python=python, source=source)
     d.workdir.chmod(0o755)
     run = d.workdir / "run"
     run.mkdir(mode=0o700)
@@ -80,8 +105,8 @@ def test_a_user_superd_cannot_become_is_refused_at_load_the_rest_serves(request)
                "; until the table is fixed")
     with socket.socket() as s:  # nothing listens for it: no connection fails one by one
         assert s.connect_ex(("127.0.0.1", pr)) != 0
-    r = subprocess.run([*AS_NOBODY, PY, "-m", "superd", "check", "-c", str(d.table)], cwd=REPO,
-                       env=daemon_env(), capture_output=True, text=True, timeout=30)
+    r = subprocess.run([*AS_NOBODY, d.python, "-m", "superd", "check", "-c", str(d.table)],
+                       cwd=d.source, env=daemon_env(), capture_output=True, text=True, timeout=30)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "services.asroot.user" in r.stdout + r.stderr and "cap_setuid" in r.stdout + r.stderr
 
@@ -109,8 +134,9 @@ def test_without_it_a_privileged_port_names_the_capability(request):
     assert echoes(pe)
     reason = d.control()["failed"]["low"]["reason"]
     assert "cannot bind" in reason and "lacks cap_net_bind_service" in reason, reason
-    r = subprocess.run([*AS_NOBODY, PY, "-m", "superd", "check", "--bind", "-c", str(d.table)],
-                       cwd=REPO, env=daemon_env(), capture_output=True, text=True, timeout=30)
+    r = subprocess.run([*AS_NOBODY, d.python, "-m", "superd", "check", "--bind", "-c",
+                        str(d.table)], cwd=d.source, env=daemon_env(), capture_output=True,
+                       text=True, timeout=30)
     assert r.returncode == 1 and "lacks cap_net_bind_service" in r.stdout, r.stdout + r.stderr
 
 
